@@ -1,0 +1,17 @@
+"""npas_fx: compile any PyTorch model to an exact trainable-parameter budget.
+
+Example:
+    >>> import torch, npas_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+    >>> gm = npas_fx.compile(model, 0.25)
+    >>> npas_fx.count_parameters(gm), npas_fx.plan_of(gm).budget
+    (528, 528)
+"""
+
+from .budget import GeneratorConfig
+from .compiler import compile, count_parameters, plan_of
+from .plan import Plan
+from .strategies import STRATEGIES, register_strategy
+
+__all__ = ["compile", "count_parameters", "plan_of", "Plan", "GeneratorConfig", "STRATEGIES", "register_strategy"]
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""The sharing plan: which layers share which bank, how each weight is generated, where every
+parameter of the budget went, and how the plan was found.
+
+A :class:`Plan` is plain data: it serialises to JSON, prints as a table, and
+``npas_fx.compile(model, plan=plan)`` re-applies it exactly (same layers, groups, bank sizes,
+generators and gains) without searching again.
+
+Example:
+    >>> import torch, npas_fx
+    >>> gm = npas_fx.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), 0.5)
+    >>> plan = npas_fx.plan_of(gm)
+    >>> npas_fx.Plan.from_json(plan.to_json()) == plan
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["LayerPlan", "GroupPlan", "KeptParam", "OpaqueModule", "Plan", "PLAN_FORMAT"]
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One generated parameter (a tied parameter is one entry with several ``aliases``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    module: str
+    module_type: str
+    group: int
+    generator: str
+    templates: int = 0
+    offset: int = 0
+    gain: float = 1.0
+    overhead: int = 0
+    aliases: tuple[str, ...] = ()
+    copied: bool = False
+    grid: tuple[int, ...] = ()
+    salt: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def describe(self) -> str:
+        """Short generator label, e.g. ``mix K=4``, ``slice``, ``interpolate x3``, ``hash``."""
+        if self.generator in ("wavg", "emb"):
+            return "slice" if self.templates <= 1 else f"{self.generator} K={self.templates}"
+        if self.generator == "interpolate" and self.grid:
+            return f"interpolate x{self.numel / (self.grid[0] * self.grid[1]):.3g}"
+        return self.generator
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One bank and the layers generated from it."""
+
+    index: int
+    layers: tuple[str, ...]
+    bank_size: int
+    overhead: int = 0
+
+
+@dataclass(frozen=True)
+class KeptParam:
+    """A trainable parameter left dense, with the reason (``bias``, ``norm``, ``keep``, ``unused``)."""
+
+    name: str
+    numel: int
+    reason: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpaqueModule:
+    """A submodule torch.fx could not trace through; it runs as one leaf with generated params."""
+
+    path: str
+    reason: str
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _load(cls: type, data: dict) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: _as_tuples(v) for k, v in data.items() if k in names})
+
+
+@dataclass
+class Plan:
+    """Everything needed to rebuild a compiled model, and the accounting that proves its budget.
+
+    Attributes:
+        strategy, seed: how the grouping was found.
+        budget: the exact number of trainable parameters requested.
+        original_params: trainable parameters of the input model (tied ones counted once).
+        layers, groups, kept: generated parameters, banks, dense parameters.
+        generator_config: the :class:`~npas_fx.budget.GeneratorConfig` as a dict.
+        opaque: modules run as leaves because they could not be traced.
+        provenance: strategy-specific record (scores, search steps, thresholds).
+    """
+
+    strategy: str
+    seed: int
+    budget: int
+    original_params: int
+    layers: tuple[LayerPlan, ...]
+    groups: tuple[GroupPlan, ...]
+    kept: tuple[KeptParam, ...]
+    generator_config: dict = field(default_factory=dict)
+    opaque: tuple[OpaqueModule, ...] = ()
+    provenance: dict = field(default_factory=dict)
+    format: int = PLAN_FORMAT
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def bank_params(self) -> int:
+        return sum(g.bank_size for g in self.groups)
+
+    @property
+    def overhead_params(self) -> int:
+        return sum(layer.overhead for layer in self.layers) + sum(g.overhead for g in self.groups)
+
+    @property
+    def kept_params(self) -> int:
+        return sum(k.numel for k in self.kept)
+
+    @property
+    def trainable_params(self) -> int:
+        """Trainable parameters of the compiled model: banks + generator overhead + kept."""
+        return self.bank_params + self.overhead_params + self.kept_params
+
+    def accounting(self) -> dict[str, int]:
+        """Where the budget went, e.g. ``{"requested": 100, "banks": 80, ...}``."""
+        return {
+            "requested": self.budget,
+            "achieved": self.trainable_params,
+            "banks": self.bank_params,
+            "generator_overhead": self.overhead_params,
+            "kept_dense": self.kept_params,
+            "original": self.original_params,
+        }
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name or name in layer.aliases:
+                return layer
+        raise KeyError(f"no generated parameter named {name!r}; generated: {[x.name for x in self.layers]}")
+
+    # ---- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: str | None = None, indent: int = 1) -> str:
+        """JSON text of the plan; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise ValueError(f"plan format {data.get('format')} is not supported (this npas_fx reads {PLAN_FORMAT}).")
+        data = dict(data)
+        data["layers"] = tuple(_load(LayerPlan, x) for x in data.get("layers", ()))
+        data["groups"] = tuple(_load(GroupPlan, x) for x in data.get("groups", ()))
+        data["kept"] = tuple(_load(KeptParam, x) for x in data.get("kept", ()))
+        data["opaque"] = tuple(_load(OpaqueModule, x) for x in data.get("opaque", ()))
+        return _load(cls, data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> Plan:
+        """Read a plan from JSON text or from a file path."""
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as handle:
+                text = handle.read()
+        return cls.from_dict(json.loads(text))
+
+    # ---- display -----------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A readable table: one row per generated layer, then groups and the budget accounting."""
+        head = ("layer", "shape", "group", "generator", "params")
+        rows = [
+            (x.name, "x".join(map(str, x.shape)), f"g{x.group}", x.describe(), str(x.overhead)) for x in self.layers
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [f"npas_fx plan: strategy={self.strategy} seed={self.seed}", line.format(*head)]
+        out += [line.format(*r) for r in rows]
+        out.append("")
+        for g in self.groups:
+            members = sum(self.layer(n).numel for n in g.layers)
+            out.append(
+                f"g{g.index}: bank {g.bank_size:,} for {len(g.layers)} layer(s) of {members:,} weights "
+                f"(x{g.bank_size / members:.3g})"
+            )
+        acc = self.accounting()
+        out.append(
+            f"budget: requested {acc['requested']:,}, achieved {acc['achieved']:,} = banks {acc['banks']:,} "
+            f"+ generators {acc['generator_overhead']:,} + kept dense {acc['kept_dense']:,} "
+            f"(original {acc['original']:,}, x{acc['achieved'] / acc['original']:.3g})"
+        )
+        if self.opaque:
+            out.append(
+                "opaque (run as leaves): " + ", ".join(f"{o.path or '<root>'} ({o.reason})" for o in self.opaque)
+            )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.summary()

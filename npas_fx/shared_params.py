@@ -1,0 +1,99 @@
+"""Build the trainable side of a plan: one bank module per group and one generator per layer.
+
+Everything built here lives under ``gm.npas`` in the compiled GraphModule::
+
+    npas.groups.g0.bank          the group's flat bank (and ``map_weight``/``map_bias`` for emb)
+    npas.generators.l3           the generator of layer 3 (its coefficients, embedding, mask)
+
+Example:
+    >>> from npas_fx.plan import LayerPlan, GroupPlan
+    >>> layer = LayerPlan("w", (2, 3), "", "Linear", 0, "slice", templates=1)
+    >>> shared = SharedParameters([layer], [GroupPlan(0, ("w",), 6)], embedding_dim=24)
+    >>> shared.generate(0).shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, TemplateMix, WeightGenerator
+from .plan import GroupPlan, LayerPlan
+
+__all__ = ["GroupBank", "SharedParameters", "make_generator"]
+
+
+class GroupBank(nn.Module):
+    """The parameters one group shares: a flat ``bank`` and, for ``emb``, the coefficient map."""
+
+    def __init__(self, size: int, map_rows: int = 0, embedding_dim: int = 0) -> None:
+        super().__init__()
+        self.bank = nn.Parameter(torch.randn(size))
+        if map_rows:
+            weight = torch.empty(map_rows, embedding_dim)
+            nn.init.orthogonal_(weight)
+            self.map_weight = nn.Parameter(weight)
+            self.map_bias = nn.Parameter(torch.zeros(map_rows))
+
+    def inputs(self, generator: WeightGenerator) -> tuple[str, ...]:
+        """Names of this module's tensors that ``generator`` takes, in call order."""
+        return ("bank", "map_weight", "map_bias") if isinstance(generator, EmbeddingMix) else ("bank",)
+
+
+def make_generator(layer: LayerPlan, embedding_dim: int) -> WeightGenerator:
+    """The generator module a :class:`LayerPlan` describes."""
+    kind = layer.generator
+    if kind in ("slice", "wavg"):
+        return TemplateMix(layer.shape, layer.offset, max(1, layer.templates), layer.gain)
+    if kind == "emb":
+        return EmbeddingMix(layer.shape, layer.offset, layer.templates, embedding_dim, layer.gain)
+    if kind == "repeat":
+        return Repeat(layer.shape, layer.offset, layer.gain)
+    if kind == "interpolate":
+        rows, cols = layer.grid
+        return Interpolate(layer.shape, layer.offset, (rows, cols), layer.gain)
+    if kind == "mask":
+        return Mask(layer.shape, layer.offset, layer.gain)
+    if kind == "hash":
+        return Hash(layer.shape, layer.salt, layer.gain)
+    raise ValueError(f"unknown generator {kind!r} for layer {layer.name!r}")
+
+
+class SharedParameters(nn.Module):
+    """Banks and generators of a plan (see the module docstring for the layout)."""
+
+    def __init__(self, layers: Sequence[LayerPlan], groups: Sequence[GroupPlan], embedding_dim: int) -> None:
+        super().__init__()
+        self.groups = nn.ModuleDict()
+        for group in groups:
+            members = [x for x in layers if x.group == group.index]
+            emb = [x.templates for x in members if x.generator == "emb"]
+            self.groups[f"g{group.index}"] = GroupBank(group.bank_size, max(emb, default=0), embedding_dim)
+        self.generators = nn.ModuleDict({f"l{i}": make_generator(x, embedding_dim) for i, x in enumerate(layers)})
+        self.layer_groups = [x.group for x in layers]
+
+    def input_paths(self, index: int, prefix: str = "") -> tuple[str, ...]:
+        """Qualified names of the tensors generator ``index`` is called on."""
+        group = f"groups.g{self.layer_groups[index]}"
+        names = self.groups[f"g{self.layer_groups[index]}"].inputs(self.generators[f"l{index}"])
+        return tuple(f"{prefix}{group}.{n}" for n in names)
+
+    def generate(self, index: int) -> Tensor:
+        """Layer ``index``'s weight, computed outside any graph (for init and inspection)."""
+        bank = self.groups[f"g{self.layer_groups[index]}"]
+        tensors = [getattr(bank, n) for n in bank.inputs(self.generators[f"l{index}"])]
+        return self.generators[f"l{index}"](*tensors)
+
+
+def target_std(weight: Tensor) -> float:
+    """Scale a generated weight should start at: the original's std, else ``1/sqrt(fan_in)``."""
+    if weight.numel() > 1:
+        std = float(weight.detach().double().std())
+        if math.isfinite(std) and std > 0:
+            return std
+    fan_in = max(1, weight.numel() // max(1, weight.shape[0] if weight.dim() else 1))
+    return 1.0 / math.sqrt(fan_in)
