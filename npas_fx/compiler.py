@@ -150,19 +150,30 @@ def _check_grouping(grouping: Grouping, count: int, strategy: str) -> None:
         raise RuntimeError(f"strategy {strategy!r} returned groups that do not cover each layer exactly once.")
 
 
-def _plan_from_saved(plan: Plan, generated: list[ParamInfo], kept: list[KeptParam]) -> None:
-    """Raise unless ``plan`` describes exactly these parameters."""
-    want = {x.name: x.shape for x in plan.layers}
-    have = {x.name: x.shape for x in generated}
-    for name in sorted(set(have) - set(want)):
-        # a parameter the plan keeps dense is fine; one it does not know is not
-        if name not in {k.name for k in plan.kept}:
-            raise ValueError(f"the plan does not cover parameter {name!r} of this model; re-plan it with a budget.")
-    for name, shape in want.items():
-        if name not in have and name not in {a for x in generated for a in x.aliases}:
-            raise ValueError(f"the plan generates {name!r}, which this model has no trainable parameter called.")
-        if name in have and tuple(have[name]) != tuple(shape):
-            raise ValueError(f"the plan expects {name!r} of shape {tuple(shape)}, this model has {tuple(have[name])}.")
+def _match_plan(plan: Plan, infos: list[ParamInfo]) -> list[ParamInfo]:
+    """The parameters ``plan.layers`` generate, in plan order; raise unless the plan fits the model."""
+    by_alias = {a: p for p in infos for a in p.aliases}
+    generated = []
+    for layer in plan.layers:
+        info = by_alias.get(layer.name)
+        if info is None:
+            raise ValueError(
+                f"the plan generates {layer.name!r}, which this model has no trainable parameter called; "
+                "was the plan made for another model?"
+            )
+        if tuple(info.shape) != tuple(layer.shape):
+            raise ValueError(
+                f"the plan expects {layer.name!r} of shape {tuple(layer.shape)}, this model has {info.shape}."
+            )
+        generated.append(info)
+    covered = {a for p in generated for a in p.aliases} | {a for k in plan.kept for a in (k.name, *k.aliases)}
+    for info in infos:
+        if info.name not in covered:
+            raise ValueError(
+                f"the plan does not cover trainable parameter {info.name!r} of this model; "
+                "compile it with a budget to make a new plan."
+            )
+    return generated
 
 
 # ---- building -----------------------------------------------------------------------------------
@@ -283,8 +294,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
     is_kept = _keep_matcher(keep)
     if keep is not None and not any(is_kept(a) for p in infos for a in p.aliases):
         raise ValueError(f"`keep` {keep!r} matched no trainable parameter; names look like {infos[0].name!r}.")
-    kept = [KeptParam(p.name, p.numel, r, p.aliases) for p in infos if (r := _kept_reason(p, is_kept)) is not None]
-    generated = _graph_order([p for p in infos if _kept_reason(p, is_kept) is None], gm)
+    reasons = {p.name: _kept_reason(p, is_kept) for p in infos}
+    kept = [KeptParam(p.name, p.numel, why, p.aliases) for p in infos if (why := reasons[p.name]) is not None]
+    generated = _graph_order([p for p in infos if reasons[p.name] is None], gm)
     if not generated:
         raise ValueError(
             f"{type(model).__name__} has no weight (a parameter of 2 or more dims that the forward reads) to "
@@ -293,13 +305,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     kept_count = sum(k.numel for k in kept)
 
     if plan is not None:
-        by_name = {a: p for p in generated for a in p.aliases}
-        kept_names = {k.name for k in plan.kept}
-        generated = [by_name[x.name] for x in plan.layers]
-        kept = [k for k in kept if k.name in kept_names] + [
-            KeptParam(p.name, p.numel, "plan", p.aliases) for p in infos if p.name in kept_names and p not in kept
-        ]
-        _plan_from_saved(plan, generated, kept)
+        generated = _match_plan(plan, infos)
         layers = list(plan.layers)
         groups = list(plan.groups)
         kept = list(plan.kept)
