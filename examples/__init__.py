@@ -1,0 +1,1 @@
+"""Runnable examples for npas_fx (``python examples/digits_cnn.py``)."""
