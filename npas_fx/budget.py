@@ -25,6 +25,7 @@ __all__ = ["GeneratorConfig", "Allocation", "resolve_budget", "allocate", "minim
 
 DOWNSAMPLERS = ("wavg", "emb")
 UPSAMPLERS = ("repeat", "interpolate", "mask", "hash")
+NORMALIZERS = ("none", "softmax")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class GeneratorConfig:
             on the digits demo at 10 % it reached 54 % test accuracy against 99 % for repeat.
         max_templates: cap on templates mixed per layer (SSN's default is 8). 1 = hard sharing.
         embedding_dim: size of the per-layer embedding of ``"emb"`` (SSN used 24).
+        normalize: ``"none"`` or ``"softmax"``: how ``"emb"`` coefficients are normalised
+            (SSN's mapping search uses softmax so that layers' coefficients are comparable).
 
     Example:
         >>> GeneratorConfig(upsample="repeat").upsample
@@ -50,6 +53,7 @@ class GeneratorConfig:
     upsample: str = "repeat"
     max_templates: int = 8
     embedding_dim: int = 24
+    normalize: str = "none"
 
     def __post_init__(self) -> None:
         if self.downsample not in DOWNSAMPLERS:
@@ -60,6 +64,8 @@ class GeneratorConfig:
             raise ValueError(f"`max_templates` should be an integer >= 1, got {self.max_templates!r}.")
         if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
             raise ValueError(f"`embedding_dim` should be an integer >= 1, got {self.embedding_dim!r}.")
+        if self.normalize not in NORMALIZERS:
+            raise ValueError(f"`normalize` should be one of {NORMALIZERS}, got {self.normalize!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +185,8 @@ def minimum_budget(
     config: GeneratorConfig,
     force: str | None = None,
 ) -> int:
-    """Smallest budget :func:`allocate` can meet: one value per bank plus the cheapest generators.
+    """Smallest budget :func:`allocate` can meet: one value per bank plus the cheapest generators,
+    or one template per layer (every weight once) when that is less (``mask`` on fan-in-1 layers).
 
     Example:
         >>> minimum_budget([12, 6], [4, 2], [[0], [1]], kept=3, config=GeneratorConfig())
@@ -187,7 +194,8 @@ def minimum_budget(
     """
     floor = _floor_templates(sizes, config)
     layer, group = _overheads(floor, sizes, rows, groups, config, force)
-    return kept + len(groups) + sum(layer) + sum(group)
+    cheapest = kept + len(groups) + sum(layer) + sum(group)
+    return cheapest if force == "hash" else min(cheapest, kept + sum(sizes))
 
 
 def allocate(
@@ -237,14 +245,20 @@ def allocate(
     # Greedy ascent from the cheapest generators (feasible since budget >= minimum): raise every
     # layer one template at a time, round-robin in graph order so no layer starves the others,
     # and keep a raise only if every bank still holds all of its layers' templates after the
-    # extra coefficients are paid for.
+    # extra coefficients are paid for. A refused layer is tried again in the next round: a raise
+    # can also free budget (a masked layer that becomes a slice drops its mask).
     templates = _floor_templates(sizes, config)
     best = solve(templates)
-    assert best is not None, "budget >= minimum implies the cheapest generators fit"
-    active = list(order)
-    while active:
-        still = []
-        for i in active:
+    # Start from a full template per layer when that fits: upsampling is the fallback, never a
+    # choice the ascent can get stuck in (a mask costs a value per row, a slice nothing).
+    ones = [max(1, k) for k in templates]
+    if (start := solve(ones)) is not None:
+        templates, best = ones, start
+    assert best is not None, "budget >= minimum implies the cheapest generators or a template each fit"
+    raised = True
+    while raised:
+        raised = False
+        for i in order:
             if templates[i] >= config.max_templates:
                 continue
             templates[i] += 1
@@ -253,6 +267,5 @@ def allocate(
                 templates[i] -= 1
             else:
                 best = trial
-                still.append(i)
-        active = still
+                raised = True
     return best
