@@ -30,10 +30,12 @@ from .budget import Allocation, GeneratorConfig, allocate, resolve_budget
 from .generators import interpolation_grid
 from .passes.collect_params import ParamInfo, collect_params
 from .passes.insert_generators import GeneratorCall, insert_generators
+from .passes.run_example import ModuleRunError, run_example
 from .passes.trace import trace
 from .plan import GroupPlan, KeptParam, LayerPlan, OpaqueModule, Plan
 from .shared_params import SharedParameters, target_std
 from .strategies import STRATEGIES, Grouping, StrategyContext
+from .superweights import plan_superweights
 
 __all__ = ["compile", "plan_of", "count_parameters"]
 
@@ -56,6 +58,8 @@ def plan_of(gm: nn.Module) -> Plan:
     meta = getattr(gm, "meta", None)
     plan = meta.get(PLAN_KEY) if isinstance(meta, dict) else None
     plan = plan if plan is not None else getattr(gm, PLAN_KEY, None)  # pickling keeps attributes only
+    # deepcopy drops the attribute and pickling drops meta; the banks' module keeps it through both
+    plan = plan if plan is not None else getattr(getattr(gm, SHARED_NAME, None), PLAN_KEY, None)
     if not isinstance(plan, Plan):
         raise ValueError(f"{type(gm).__name__} was not made by npas_fx.compile: it carries no plan.")
     return plan
@@ -144,6 +148,29 @@ def _layer_plans(
     return [p for p in plans if p is not None]
 
 
+def _plan_layers(
+    generated: list[ParamInfo], grouping: Grouping, kept: int, target: int, config: GeneratorConfig, copy_weights: bool
+) -> tuple[list[LayerPlan], list[GroupPlan]]:
+    """Exact budget split and per-layer generators for a strategy's grouping."""
+    if grouping.force == "superweight":
+        return plan_superweights(generated, grouping, kept, target, config)
+    alloc = allocate(
+        [p.numel for p in generated],
+        [list(g) for g in grouping.groups],
+        kept,
+        target,
+        config,
+        rows=[p.shape[0] for p in generated],
+        force=grouping.force,
+    )
+    layers = _layer_plans(generated, grouping, alloc, config, copy_weights)
+    groups = [
+        GroupPlan(g, tuple(generated[i].name for i in members), alloc.bank_sizes[g], alloc.group_overheads[g])
+        for g, members in enumerate(grouping.groups)
+    ]
+    return layers, groups
+
+
 def _check_grouping(grouping: Grouping, count: int, strategy: str) -> None:
     seen = sorted(i for g in grouping.groups for i in g)
     if seen != list(range(count)) or any(len(g) == 0 for g in grouping.groups):
@@ -177,6 +204,28 @@ def _match_plan(plan: Plan, infos: list[ParamInfo]) -> list[ParamInfo]:
 
 
 # ---- building -----------------------------------------------------------------------------------
+def _check_runs(gm: fx.GraphModule, model: nn.Module, example_inputs: Any, prefix: str, generated: list[str]) -> None:
+    """Run ``gm`` once on the example; a module that fails with generated parameters is named."""
+    try:
+        run_example(gm, example_inputs, training=None)
+    except ModuleRunError as error:
+        try:
+            run_example(model, example_inputs, training=None)
+        except ModuleRunError as original:
+            raise ValueError(
+                f"{type(model).__name__} itself fails on `example_inputs`: {original}. Give inputs the model "
+                "accepts (a tuple of positional inputs or a dict of keyword inputs)."
+            ) from original.error
+        path = "" if error.path + "." == prefix else error.path.removeprefix(prefix)
+        names = [n.removeprefix(prefix) for n in generated if n.startswith(error.path + ".")] if path else []
+        hint = f" (e.g. keep={names[:3]!r})" if names else ""
+        raise RuntimeError(
+            f"npas_fx cannot compile {type(model).__name__}: module {path or '<root>'!r} "
+            f"({error.module_type}) fails when run with generated parameters: "
+            f"{type(error.error).__name__}: {error.error}. Keep the parameters it reads dense with `keep=`{hint}."
+        ) from error.error
+
+
 @torch.no_grad()
 def _initialise(
     shared: SharedParameters, layers: list[LayerPlan], originals: list[torch.Tensor], calibrate: bool
@@ -237,26 +286,33 @@ def compile(  # noqa: A001 - mirrors torch.compile
     data: Any = None,
     loss_fn: Any = None,
     options: Mapping[str, Any] | None = None,
+    search_steps: int | None = None,
 ) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with exactly ``budget`` trainable parameters.
 
     Args:
         model: any ``nn.Module``; it is copied, never modified.
         budget: an ``int`` (exact count) or a ``float`` (multiple of the model's trainable count).
-        example_inputs: positional tuple or keyword dict of inputs (used by tracing and search).
+        example_inputs: positional tuple or keyword dict of inputs, used by search and tracing
+            (arguments they leave out may be specialised; a partial trace is kept only if it gives
+            the model's outputs, else the root runs as one leaf); the result is run on them once,
+            so a module that fails with generated weights is named at compile time.
         strategy: ``"shape"`` (identical shapes share), ``"single"``, ``"random"``, ``"hash"``,
-            or a learned one registered by :func:`npas_fx.strategies.register_strategy`.
+            ``"superweight"`` (SuperWeights per bin), the learned ``"ssn"`` and ``"swn"`` (need
+            ``data``), or one registered by :func:`npas_fx.strategies.register_strategy`.
         seed: seeds grouping and initialisation; the same seed gives the same model.
         plan: a saved :class:`Plan` to re-apply instead of planning (``budget`` then optional).
         generators: how weights are generated (:class:`GeneratorConfig`).
         keep: parameters to leave dense: a regex (full match) or a list of names / name suffixes.
             1-D parameters (biases, norms) are always kept dense.
-        num_groups: number of groups for ``"random"`` (and learned strategies).
+        num_groups: number of groups for ``"random"`` and ``"ssn"``; an upper bound for ``"swn"``.
         copy_weights: copy the original weight into a bank a single layer owns by plain slice,
             so the identity plan reproduces the original model exactly.
         data: batches for learned strategies (``"ssn"``, ``"swn"``).
         loss_fn: loss of learned strategies' short pre-training.
         options: strategy-specific options.
+        search_steps: optimiser steps of a learned strategy's short pre-training (see
+            :mod:`npas_fx.search`; the batch convention is in :mod:`npas_fx.search.pretrain`).
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`plan_of` gives its plan.
@@ -269,6 +325,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
         True
     """
     _validate_arguments(model, budget, plan, strategy, seed, generators)
+    if search_steps is not None and (
+        isinstance(search_steps, bool) or not isinstance(search_steps, numbers.Integral) or search_steps < 1
+    ):
+        raise ValueError(f"`search_steps` should be a positive int, got {search_steps!r}.")
     original = count_parameters(model)
     if original == 0:
         raise ValueError(
@@ -286,7 +346,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
         target = resolve_budget(budget, original)
 
     work = copy.deepcopy(model)
-    traced = trace(work)
+    # A saved plan re-applies to the same leaves (its parameter names depend on them).
+    leaves = frozenset(o.path for o in plan.opaque) if plan is not None else frozenset()
+    traced = trace(work, leaves, example_inputs)
     gm = traced.graph_module
     if hasattr(gm, SHARED_NAME):
         raise ValueError(f"the model already has an attribute {SHARED_NAME!r}, which npas_fx needs for its banks.")
@@ -323,23 +385,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
             data=data,
             loss_fn=loss_fn,
             options=dict(options or {}),
+            search_steps=search_steps,
+            kept=kept_count,
+            generator_config=config,
         )
         grouping = STRATEGIES[strategy](context)
         _check_grouping(grouping, len(generated), strategy)
-        alloc = allocate(
-            [p.numel for p in generated],
-            [list(g) for g in grouping.groups],
-            kept_count,
-            target,
-            config,
-            rows=[p.shape[0] for p in generated],
-            force=grouping.force,
-        )
-        layers = _layer_plans(generated, grouping, alloc, config, copy_weights)
-        groups = [
-            GroupPlan(g, tuple(generated[i].name for i in members), alloc.bank_sizes[g], alloc.group_overheads[g])
-            for g, members in enumerate(grouping.groups)
-        ]
+        layers, groups = _plan_layers(generated, grouping, kept_count, target, config, copy_weights)
         opaque = tuple(OpaqueModule(path, why) for path, why in traced.opaque.items())
         provenance = dict(grouping.provenance)
         calibrate = True
@@ -347,7 +399,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     originals = [gm.get_parameter(p.name).detach() for p in generated]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        shared = SharedParameters(layers, groups, config.embedding_dim)
+        shared = SharedParameters(layers, groups, config.embedding_dim, config.normalize)
         _place(shared, layers, generated)
         layers = _initialise(shared, layers, originals, calibrate)
 
@@ -362,6 +414,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         generator_config=config.to_dict(),
         opaque=tuple(opaque),
         provenance=provenance,
+        traced=tuple(traced.traced),
     )
     gm.add_module(SHARED_NAME, shared)
     calls = {
@@ -371,10 +424,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
     insert_generators(gm, calls)
     gm.meta[PLAN_KEY] = result  # what deepcopy keeps
     setattr(gm, PLAN_KEY, result)  # what pickling keeps
+    setattr(shared, PLAN_KEY, result)  # what deepcopy then pickling keeps
     achieved = count_parameters(gm)
     if achieved != target or result.trainable_params != target:
         raise RuntimeError(
             f"npas_fx bug: compiled model has {achieved} trainable parameters (plan says "
             f"{result.trainable_params}), budget {target}. Please report it with the model."
         )
+    if example_inputs is not None:
+        _check_runs(gm, model, example_inputs, traced.prefix, [a for p in generated for a in p.aliases])
     return gm

@@ -8,6 +8,8 @@ attributes (banks) that module takes as inputs; it knows nothing of budgets or s
   opaque module) -> ``call_with_parameters(leaf, {name: generated, ...}, args, kwargs)``
   (``torch.func.functional_call``),
   so the leaf's own forward still runs (and still reads ``self.training``).
+* ``call_with_parameters(leaf, {...}, args, kwargs)`` already in the graph (a root that runs as
+  one leaf, see :mod:`.trace`) -> the generated parameters under ``leaf`` join its dict.
 * A parameter read in several places (tied weights) is generated once and fed to every reader.
 
 Example:
@@ -114,16 +116,32 @@ def insert_generators(gm: fx.GraphModule, calls: Mapping[str, GeneratorCall]) ->
             call.meta.update(node.meta)
             node.replace_all_uses_with(call)
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target is call_with_parameters and _is_get_attr(node.args[0]):
+            # Already a parameterised call (a root that runs as one leaf): add the generated ones.
+            inside = _generated_under(str(node.args[0].target), alias_to_param)
+            feeds = {rel: generated_value(param, node) for rel, param in inside.items()}
+            if feeds:
+                node.args = (node.args[0], {**node.args[1], **feeds}, *node.args[2:])
 
     for alias in alias_to_param:
         owner_path, _, leaf_name = alias.rpartition(".")
         owner = gm.get_submodule(owner_path)
         # None keeps the attribute defined (``module.weight is None``) while removing the parameter.
         owner._parameters[leaf_name] = None
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            # A string annotation (``from __future__ import annotations`` in the model's file)
+            # breaks torch.save's import block; the annotation is documentation only.
+            node.type = None
     graph.lint()
     gm.recompile()
-    gm._tracer_cls = GeneratedModuleTracer
+    # deepcopy rebuilds a GraphModule from its graph, so the graph must name the tracer too.
+    graph._tracer_cls = gm._tracer_cls = GeneratedModuleTracer
     return gm
+
+
+def _is_get_attr(arg: object) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
 
 
 def _get_attr(gm: fx.GraphModule, path: str) -> torch.Tensor:

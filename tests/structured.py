@@ -1,0 +1,97 @@
+"""Test helpers for models with structured inputs and outputs (dicts, ``ModelOutput``, tuples).
+
+Used by ``test_untraceable.py`` and ``test_transformers.py``: call a model on a tuple or a dict of
+inputs, compare output structures, build a loss over every floating tensor of an output, check
+that gradient reaches every bank, and compile the identity plan of any model.
+
+Example:
+    >>> import torch
+    >>> out = {"a": torch.ones(2), "b": (torch.zeros(1, 3), None)}
+    >>> [tuple(t.shape) for t in float_leaves(out)]
+    [(2,), (1, 3)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from models import loss_of
+from torch import Tensor, fx, nn
+
+import npas_fx
+
+__all__ = [
+    "call",
+    "float_leaves",
+    "assert_same_structure",
+    "assert_same_outputs",
+    "output_loss",
+    "assert_gradient_reaches_every_bank",
+    "identity_compile",
+]
+
+
+def call(model: nn.Module, inputs: tuple | Mapping[str, Any], **extra: Any) -> Any:
+    """``model(*inputs, **extra)`` or ``model(**inputs, **extra)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs, **extra)
+    return model(*inputs, **extra)
+
+
+def float_leaves(output: Any) -> list[Tensor]:
+    return [x for x in pytree.tree_leaves(output) if isinstance(x, Tensor) and x.is_floating_point()]
+
+
+def assert_same_structure(output: Any, reference: Any) -> None:
+    """Same container types and keys all the way down, tensors of the same shape and dtype."""
+    assert type(output) is type(reference), (type(output), type(reference))
+    leaves, spec = pytree.tree_flatten(output)
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    assert spec == ref_spec, f"{spec} != {ref_spec}"
+    for x, y in zip(leaves, ref_leaves, strict=True):
+        assert type(x) is type(y)
+        if isinstance(x, Tensor):
+            assert (x.shape, x.dtype) == (y.shape, y.dtype)
+
+
+def assert_same_outputs(output: Any, reference: Any) -> None:
+    """:func:`assert_same_structure` and every tensor equal."""
+    assert_same_structure(output, reference)
+    for x, y in zip(pytree.tree_leaves(output), pytree.tree_leaves(reference), strict=True):
+        if isinstance(x, Tensor):
+            assert torch.equal(x, y), f"max difference {float((x - y).abs().max())}"
+
+
+def output_loss(output: Any) -> Tensor:
+    """A loss that reaches every floating tensor of ``output`` (logits, hidden states, pooled...)."""
+    leaves = [x for x in float_leaves(output) if x.requires_grad]
+    assert leaves, "the output holds no differentiable tensor"
+    return sum(loss_of(x) for x in leaves)
+
+
+def assert_gradient_reaches_every_bank(gm: fx.GraphModule) -> None:
+    """Every bank got a finite, non-zero gradient; every other npas parameter a finite one."""
+    banks = 0
+    for name, p in gm.get_submodule("npas").named_parameters():
+        assert p.grad is not None, f"npas.{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"npas.{name} has a non-finite gradient"
+        if name.endswith(".bank"):
+            banks += 1
+            assert p.grad.abs().sum() > 0, f"npas.{name} got a zero gradient"
+    assert banks == len(npas_fx.plan_of(gm).groups)
+
+
+def identity_compile(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+    """The identity plan of any model: every generated layer alone in a group, budget 1.0.
+
+    ``strategy="shape"`` gives copies only when all shapes differ; ``"random"`` with one group per
+    layer does for every model, so each layer's bank holds a copy of its original weight.
+    """
+    first = npas_fx.compile(model, 1.0, example_inputs=example_inputs)
+    layers = len(npas_fx.plan_of(first).layers)
+    gm = npas_fx.compile(model, 1.0, strategy="random", num_groups=layers, example_inputs=example_inputs)
+    assert all(layer.copied for layer in npas_fx.plan_of(gm).layers)
+    return gm
