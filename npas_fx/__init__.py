@@ -8,10 +8,21 @@ Example:
     (528, 528)
 """
 
+from . import search  # noqa: F401 - importing it registers the learned strategies "ssn" and "swn"
 from .budget import GeneratorConfig
 from .compiler import compile, count_parameters, plan_of
+from .draw import draw_plan
 from .plan import Plan
 from .strategies import STRATEGIES, register_strategy
 
-__all__ = ["compile", "count_parameters", "plan_of", "Plan", "GeneratorConfig", "STRATEGIES", "register_strategy"]
+__all__ = [
+    "compile",
+    "count_parameters",
+    "plan_of",
+    "Plan",
+    "GeneratorConfig",
+    "STRATEGIES",
+    "register_strategy",
+    "draw_plan",
+]
 __version__ = "0.1.0"

@@ -101,6 +101,8 @@ class EmbeddingMix(WeightGenerator):
 
     ``a = W[:K] @ phi + b[:K]`` with a per-layer embedding ``phi`` and a map ``(W, b)`` shared by the
     group (handed in by the graph); then ``w = gain * sum_k a_k T_k`` as in :class:`TemplateMix`.
+    ``normalize="softmax"`` uses ``softmax(a)`` instead (SSN's mapping search), so coefficient
+    vectors of different layers live on one simplex and can be clustered.
 
     Example:
         >>> gen = EmbeddingMix((2, 3), offset=0, templates=2, embedding_dim=4)
@@ -111,18 +113,33 @@ class EmbeddingMix(WeightGenerator):
     kind = "emb"
 
     def __init__(
-        self, shape: Sequence[int], offset: int, templates: int, embedding_dim: int, gain: float = 1.0
+        self,
+        shape: Sequence[int],
+        offset: int,
+        templates: int,
+        embedding_dim: int,
+        gain: float = 1.0,
+        normalize: str = "none",
     ) -> None:
         super().__init__(shape, gain)
         if templates < 2:
             raise ValueError(f"`templates` should be >= 2 for an embedding mix, got {templates}.")
+        if normalize not in ("none", "softmax"):
+            raise ValueError(f"`normalize` should be 'none' or 'softmax', got {normalize!r}.")
         self.offset = int(offset)
         self.templates = int(templates)
+        self.normalize = normalize
         self.embedding = nn.Parameter(torch.randn(embedding_dim) / math.sqrt(embedding_dim))
+
+    def coefficients(self, map_weight: Tensor, map_bias: Tensor) -> Tensor:
+        """The layer's ``K`` mixing coefficients (what SSN's mapping search clusters)."""
+        k = self.templates
+        logits = map_weight[:k] @ self.embedding + map_bias[:k]  # (K, E) @ (E,) -> (K,)
+        return torch.softmax(logits, 0) if self.normalize == "softmax" else logits
 
     def forward(self, bank: Tensor, map_weight: Tensor, map_bias: Tensor) -> Tensor:
         n, k = self.numel, self.templates
-        coefficients = map_weight[:k] @ self.embedding + map_bias[:k]  # (K, E) @ (E,) -> (K,)
+        coefficients = self.coefficients(map_weight, map_bias)
         flat = coefficients @ bank.narrow(0, self.offset, k * n).view(k, n)
         return self._finish(flat)
 
@@ -277,4 +294,4 @@ class Hash(WeightGenerator):
         return f"{super().extra_repr()}, salt={self.salt}"
 
 
-GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash")
+GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash", "superweight")

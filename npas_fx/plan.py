@@ -43,17 +43,27 @@ class LayerPlan:
     copied: bool = False
     grid: tuple[int, ...] = ()
     salt: int = 0
+    block: tuple[int, ...] = ()  # superweight: the group's base SuperWeight shape
+    coefficient_set: int = 0  # superweight: layers of a group with equal sets share coefficients
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def describe(self) -> str:
-        """Short generator label, e.g. ``mix K=4``, ``slice``, ``interpolate x3``, ``hash``."""
+    def describe(self, bank_size: int | None = None) -> str:
+        """Short generator label, e.g. ``wavg K=4``, ``slice``, ``interpolate x3``, ``repeat x10``.
+
+        ``bank_size`` (the group's) adds the expansion factor to ``repeat``, ``mask`` and ``hash``.
+        """
         if self.generator in ("wavg", "emb"):
             return "slice" if self.templates <= 1 else f"{self.generator} K={self.templates}"
+        if self.generator == "superweight" and self.block:
+            rows, cols = (-(-self.shape[d] // self.block[d]) for d in (0, 1))
+            return f"superweight {rows}x{cols} K={self.templates} c{self.coefficient_set}"
         if self.generator == "interpolate" and self.grid:
             return f"interpolate x{self.numel / (self.grid[0] * self.grid[1]):.3g}"
+        if self.generator in ("repeat", "mask", "hash") and bank_size:
+            return f"{self.generator} x{self.numel / bank_size:.3g}"
         return self.generator
 
 
@@ -106,6 +116,7 @@ class Plan:
         generator_config: the :class:`~npas_fx.budget.GeneratorConfig` as a dict.
         opaque: modules run as leaves because they could not be traced.
         provenance: strategy-specific record (scores, search steps, thresholds).
+        traced: paths of the modules whose forward torch.fx traced through (``""``: the root).
     """
 
     strategy: str
@@ -118,6 +129,7 @@ class Plan:
     generator_config: dict = field(default_factory=dict)
     opaque: tuple[OpaqueModule, ...] = ()
     provenance: dict = field(default_factory=dict)
+    traced: tuple[str, ...] = ()
     format: int = PLAN_FORMAT
 
     # ---- accounting -------------------------------------------------------------------------
@@ -155,6 +167,46 @@ class Plan:
                 return layer
         raise KeyError(f"no generated parameter named {name!r}; generated: {[x.name for x in self.layers]}")
 
+    def to_networkx(self) -> Any:
+        """The plan as a ``networkx.DiGraph``, for your own analyses.
+
+        Nodes: each group by its index (an ``int``: ``kind="group"``, ``bank_size``, ``overhead``),
+        each generated layer by its name (``kind="layer"``, ``order`` in execution, ``shape``,
+        ``numel``, ``group``, ``generator`` label, ``module``, ``aliases``, ``overhead``), and each
+        dense parameter by its name (``kind="kept"``, ``numel``, ``reason``). Edges: group -> layer
+        (``kind="generates"``); with ``provenance["similarity"]``, layer <-> layer
+        (``kind="similarity"``, ``weight`` = score). ``graph.graph`` holds strategy, seed and
+        :meth:`accounting`.
+
+        Example:
+            >>> import torch, npas_fx
+            >>> gm = npas_fx.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), 0.5)
+            >>> g = npas_fx.plan_of(gm).to_networkx()
+            >>> sorted(g.successors(0)), sum(d.get("numel", 0) for n, d in g.nodes(data=True) if d["kind"] == "kept")
+            (['0.weight', '1.weight'], 16)
+        """
+        import networkx as nx  # late: only this method needs it
+
+        graph = nx.DiGraph(strategy=self.strategy, seed=self.seed, **self.accounting())
+        for g in self.groups:
+            graph.add_node(g.index, kind="group", label=f"g{g.index}", bank_size=g.bank_size, overhead=g.overhead)
+        for order, x in enumerate(self.layers):
+            attributes = {"order": order, "shape": tuple(x.shape), "numel": x.numel, "group": x.group}
+            attributes.update(generator=x.describe(), module=x.module, module_type=x.module_type)
+            graph.add_node(x.name, kind="layer", aliases=tuple(x.aliases), overhead=x.overhead, **attributes)
+            graph.add_edge(x.group, x.name, kind="generates", generator=x.describe())
+        for k in self.kept:
+            graph.add_node(k.name, kind="kept", numel=k.numel, reason=k.reason, aliases=tuple(k.aliases))
+        record = self.provenance.get("similarity") if isinstance(self.provenance, dict) else None
+        if isinstance(record, dict) and "layers" in record and "matrix" in record:
+            known = {a: x.name for x in self.layers for a in (x.name, *x.aliases)}
+            names = [known.get(n) for n in record["layers"]]
+            for i, a in enumerate(names):
+                for j, b in enumerate(names):
+                    if a is not None and b is not None and a != b:
+                        graph.add_edge(a, b, kind="similarity", weight=float(record["matrix"][i][j]))
+        return graph
+
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,8 +243,9 @@ class Plan:
     def summary(self) -> str:
         """A readable table: one row per generated layer, then groups and the budget accounting."""
         head = ("layer", "shape", "group", "generator", "params")
+        sizes = {g.index: g.bank_size for g in self.groups}
         rows = [
-            (x.name, "x".join(map(str, x.shape)), f"g{x.group}", x.describe(), str(x.overhead)) for x in self.layers
+            (x.name, "x".join(map(str, x.shape)), f"g{x.group}", x.describe(sizes.get(x.group)), str(x.overhead)) for x in self.layers
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         line = "  ".join(f"{{:<{w}}}" for w in widths)

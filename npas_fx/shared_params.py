@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, TemplateMix, WeightGenerator
 from .plan import GroupPlan, LayerPlan
+from .superweights import SuperWeightLayout, superweight_layouts
 
 __all__ = ["GroupBank", "SharedParameters", "make_generator"]
 
@@ -41,16 +42,25 @@ class GroupBank(nn.Module):
 
     def inputs(self, generator: WeightGenerator) -> tuple[str, ...]:
         """Names of this module's tensors that ``generator`` takes, in call order."""
+        named = getattr(generator, "group_inputs", None)  # a generator may name its inputs (SuperWeights)
+        if named is not None:
+            return tuple(named)
         return ("bank", "map_weight", "map_bias") if isinstance(generator, EmbeddingMix) else ("bank",)
 
 
-def make_generator(layer: LayerPlan, embedding_dim: int) -> WeightGenerator:
-    """The generator module a :class:`LayerPlan` describes."""
+def make_generator(
+    layer: LayerPlan, embedding_dim: int, normalize: str = "none", layout: SuperWeightLayout | None = None
+) -> WeightGenerator:
+    """The generator module a :class:`LayerPlan` describes (``layout``: its SuperWeight group's)."""
     kind = layer.generator
+    if kind == "superweight":
+        if layout is None:
+            raise ValueError(f"layer {layer.name!r} uses SuperWeights but its group has no SuperWeight layout.")
+        return layout.generator(layer)
     if kind in ("slice", "wavg"):
         return TemplateMix(layer.shape, layer.offset, max(1, layer.templates), layer.gain)
     if kind == "emb":
-        return EmbeddingMix(layer.shape, layer.offset, layer.templates, embedding_dim, layer.gain)
+        return EmbeddingMix(layer.shape, layer.offset, layer.templates, embedding_dim, layer.gain, normalize)
     if kind == "repeat":
         return Repeat(layer.shape, layer.offset, layer.gain)
     if kind == "interpolate":
@@ -66,14 +76,22 @@ def make_generator(layer: LayerPlan, embedding_dim: int) -> WeightGenerator:
 class SharedParameters(nn.Module):
     """Banks and generators of a plan (see the module docstring for the layout)."""
 
-    def __init__(self, layers: Sequence[LayerPlan], groups: Sequence[GroupPlan], embedding_dim: int) -> None:
+    def __init__(
+        self, layers: Sequence[LayerPlan], groups: Sequence[GroupPlan], embedding_dim: int, normalize: str = "none"
+    ) -> None:
         super().__init__()
+        layouts = superweight_layouts(layers, groups)
         self.groups = nn.ModuleDict()
         for group in groups:
             members = [x for x in layers if x.group == group.index]
             emb = [x.templates for x in members if x.generator == "emb"]
             self.groups[f"g{group.index}"] = GroupBank(group.bank_size, max(emb, default=0), embedding_dim)
-        self.generators = nn.ModuleDict({f"l{i}": make_generator(x, embedding_dim) for i, x in enumerate(layers)})
+            if group.index in layouts:  # SuperWeight coefficients belong to the group: sets span layers
+                for name, param in layouts[group.index].coefficient_parameters().items():
+                    self.groups[f"g{group.index}"].register_parameter(name, param)
+        self.generators = nn.ModuleDict(
+            {f"l{i}": make_generator(x, embedding_dim, normalize, layouts.get(x.group)) for i, x in enumerate(layers)}
+        )
         self.layer_groups = [x.group for x in layers]
 
     def input_paths(self, index: int, prefix: str = "") -> tuple[str, ...]:

@@ -25,7 +25,9 @@ class StrategyContext:
     """What a strategy may look at.
 
     ``shapes``/``names`` describe the generated layers in graph order. Learned strategies also get
-    the traced ``graph_module``, the ``budget``, user ``data``/``loss_fn`` and their ``options``.
+    the traced ``graph_module``, the ``budget``, user ``data``/``loss_fn`` and their ``options``,
+    ``search_steps`` (length of their short pre-training), the ``kept`` count (trainable values
+    left dense) and the ``generator_config`` the final model is built with.
     """
 
     shapes: Sequence[tuple[int, ...]]
@@ -37,15 +39,23 @@ class StrategyContext:
     data: Any = None
     loss_fn: Any = None
     options: dict = field(default_factory=dict)
+    search_steps: int | None = None
+    kept: int = 0
+    generator_config: Any = None
 
 
 @dataclass(frozen=True)
 class Grouping:
-    """Groups of layer indices; ``force`` fixes one generator for all (``"hash"``)."""
+    """Groups of layer indices; ``force`` fixes one generator for all (``"hash"``, ``"superweight"``).
+
+    ``shares`` (``"superweight"`` only): per layer, its coefficient set inside its group; layers of
+    one group with the same set share coefficients (hard sharing). Empty: every layer its own.
+    """
 
     groups: tuple[tuple[int, ...], ...]
     force: str | None = None
     provenance: dict = field(default_factory=dict)
+    shares: tuple[int, ...] = ()
 
 
 Strategy = Callable[[StrategyContext], Grouping]
