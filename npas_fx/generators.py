@@ -147,21 +147,46 @@ class EmbeddingMix(WeightGenerator):
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
 
 
+# Constants of a 32-bit integer hash (lowbias32); every product stays below 2**63 because the
+# state is masked to 32 bits before each multiplication.
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x846CA68B
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL_1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_MUL_2) & _MASK32
+    return x ^ (x >> 16)
+
+
 def _tile(bank: Tensor, numel: int, offset: int) -> Tensor:
-    """``bank`` repeated to ``numel`` values, starting at ``offset``: ``t[j] = bank[(j + offset) mod P]``."""
+    """``bank`` repeated to ``numel`` values from ``offset``, each copy rotated by a hashed amount.
+
+    ``t[j] = bank[(k + r_c) mod P]`` for ``j + offset = c * P + k``, with ``r_0 = 0`` and
+    ``r_c = mix32(c) mod P``. Plain tiling would make every row identical whenever ``P`` divides
+    the row length (a 10-class head tiled from 16 values has rank 1); rotating the copies keeps
+    the rows apart at the cost of one small index per copy.
+    """
     size = bank.numel()
     copies = -(-(numel + offset) // size)
-    return bank.repeat(copies).narrow(0, offset, numel)
+    copy = torch.arange(copies, device=bank.device, dtype=torch.int64)
+    rotation = torch.where(copy == 0, 0, torch.remainder(_mix32(copy), size))
+    rotations = torch.cat([bank, bank]).unfold(0, size, 1)  # (P + 1, P): row s = bank rotated by s
+    return rotations[rotation].reshape(-1).narrow(0, offset, numel)
 
 
 class Repeat(WeightGenerator):
-    """Upsampling by tiling: ``w[j] = gain * bank[(j + offset) mod P]``.
+    """Upsampling by tiling: ``w = gain * tile(bank, offset)``, the copies rotated (see ``_tile``).
 
     Layers of one group start at staggered offsets so that equal shapes get different weights.
 
     Example:
-        >>> Repeat((2, 3), offset=1)(torch.tensor([1.0, 2.0])).tolist()
-        [[2.0, 1.0, 2.0], [1.0, 2.0, 1.0]]
+        >>> Repeat((2, 3), offset=1)(torch.tensor([1.0, 2.0, 3.0])).tolist()
+        [[2.0, 3.0, 2.0], [3.0, 1.0, 1.0]]
     """
 
     kind = "repeat"
@@ -247,22 +272,6 @@ class Mask(WeightGenerator):
     def forward(self, bank: Tensor) -> Tensor:
         tiled = _tile(bank, self.numel, self.offset).view(self.shape[0], -1)
         return self._finish((tiled * self.mask.to(bank.dtype).unsqueeze(1)).reshape(-1))
-
-
-# Constants of a 32-bit integer hash (lowbias32); every product stays below 2**63 because the
-# state is masked to 32 bits before each multiplication.
-_MASK32 = 0xFFFFFFFF
-_HASH_MUL_1 = 0x7FEB352D
-_HASH_MUL_2 = 0x846CA68B
-
-
-def _mix32(x: Tensor) -> Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL_1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _HASH_MUL_2) & _MASK32
-    return x ^ (x >> 16)
 
 
 class Hash(WeightGenerator):

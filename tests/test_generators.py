@@ -119,12 +119,38 @@ def test_emb_coefficients_come_from_the_layer_embedding(normalize):
     torch.testing.assert_close(gen(bank, weight, bias), expected.view(2, 2))
 
 
+def _lowbias32(x: int) -> int:
+    """The 32-bit integer hash the generators use, in plain Python (an independent reference)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _tiled(bank: torch.Tensor, numel: int, offset: int) -> torch.Tensor:
+    """Reference tiling: copy c of the bank rotated by mix32(c) mod P (copy 0 unrotated)."""
+    size = bank.numel()
+    values = []
+    for j in range(offset, offset + numel):
+        copy, k = divmod(j, size)
+        rotation = 0 if copy == 0 else _lowbias32(copy) % size
+        values.append(bank[(k + rotation) % size])
+    return torch.stack(values)
+
+
 @pytest.mark.parametrize(("numel", "size", "offset"), [(7, 3, 0), (7, 3, 2), (12, 5, 4), (4, 10, 3), (9, 1, 0)])
-def test_repeat_tiles_with_offset(numel, size, offset):
+def test_repeat_tiles_rotated_copies_with_offset(numel, size, offset):
     bank = _bank(size)
     out = Repeat((1, numel), offset=offset, gain=1.25)(bank).reshape(-1)
-    expected = torch.stack([bank[(j + offset) % size] for j in range(numel)]) * 1.25
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, _tiled(bank, numel, offset) * 1.25, rtol=0, atol=0)
+
+
+def test_repeat_rows_differ_when_the_bank_divides_the_row_length():
+    # plain tiling of 16 values into 10 rows of 32 gives 10 identical rows (rank 1)
+    weight = Repeat((10, 32))(torch.randn(16, dtype=torch.float64))
+    assert torch.linalg.matrix_rank(weight) >= 8
 
 
 @pytest.mark.parametrize(
@@ -147,7 +173,7 @@ def test_mask_scales_each_row_of_the_tiled_bank():
     assert set(gen.mask.tolist()) <= {-1.0, 1.0}  # starts at random signs
     with torch.no_grad():
         gen.mask.copy_(torch.tensor([0.5, -1.0, 3.0]))
-    tiled = torch.stack([bank[(j + 2) % 5] for j in range(12)]).view(3, 4)
+    tiled = _tiled(bank, 12, 2).view(3, 4)
     torch.testing.assert_close(gen(bank), 2.0 * tiled * torch.tensor([[0.5], [-1.0], [3.0]], dtype=torch.float64))
 
 
