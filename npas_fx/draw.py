@@ -207,7 +207,8 @@ def _similarity(plan: Plan) -> tuple[list[int], list[list[float]]] | None:
         return None
     try:
         names = list(record["layers"])
-        matrix = [[float(v) for v in row] for row in record["matrix"]]
+        # None marks pairs that were never compared (different bins in swn): no edge.
+        matrix = [[float("nan") if v is None else float(v) for v in row] for row in record["matrix"]]
         if len(matrix) != len(names) or any(len(row) != len(names) for row in matrix):
             raise ValueError(f"{len(names)} layers but a {len(matrix)}-row matrix")
     except (KeyError, TypeError, ValueError) as error:

@@ -245,7 +245,8 @@ class Plan:
         head = ("layer", "shape", "group", "generator", "params")
         sizes = {g.index: g.bank_size for g in self.groups}
         rows = [
-            (x.name, "x".join(map(str, x.shape)), f"g{x.group}", x.describe(sizes.get(x.group)), str(x.overhead)) for x in self.layers
+            (x.name, "x".join(map(str, x.shape)), f"g{x.group}", x.describe(sizes.get(x.group)), str(x.overhead))
+            for x in self.layers
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         line = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -30,7 +30,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from ..budget import GeneratorConfig, minimum_budget
 from ..compiler import plan_of
@@ -70,6 +69,8 @@ def _check_feasible(ctx: StrategyContext, k: int) -> None:
 def _cluster(vectors: np.ndarray, k: int, seed: int) -> list[list[int]]:
     distinct = len(np.unique(vectors.round(12), axis=0))
     k = min(k, distinct)
+    from sklearn.cluster import KMeans  # imported here: it adds seconds to `import npas_fx`
+
     labels = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(vectors).labels_
     groups: dict[int, list[int]] = {}
     for i, label in enumerate(labels.tolist()):
