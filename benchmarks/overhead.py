@@ -84,7 +84,9 @@ def timed(step: Callable[[], None], repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def ratio(base: Callable[[], None], other: Callable[[], None], rounds: int, repeats: int, device: str) -> tuple[float, float]:
+def ratio(
+    base: Callable[[], None], other: Callable[[], None], rounds: int, repeats: int, device: str
+) -> tuple[float, float]:
     for _ in range(3):  # warm-up (and compilation)
         base()
         other()
