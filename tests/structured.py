@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,3 +96,19 @@ def identity_compile(model: nn.Module, example_inputs: Any = None) -> fx.GraphMo
     gm = npas_fx.compile(model, 1.0, strategy="random", num_groups=layers, example_inputs=example_inputs)
     assert all(layer.copied for layer in npas_fx.plan_of(gm).layers)
     return gm
+
+
+def compiled_case(
+    cache: dict, cases: Mapping[str, Any], name: str, strategy: str, budget: float
+) -> tuple[nn.Module, Any]:
+    """(original, fresh copy of its compiled model) for ``cases[name]``; each compile runs once.
+
+    ``cases`` map names to objects with ``build()`` and ``example()``.
+    """
+    key = (name, strategy, budget)
+    if key not in cache:
+        case = cases[name]
+        model = case.build()
+        cache[key] = (model, npas_fx.compile(model, budget, strategy=strategy, example_inputs=case.example()))
+    model, gm = cache[key]
+    return model, copy.deepcopy(gm)

@@ -28,6 +28,7 @@ from structured import (
     assert_same_outputs,
     assert_same_structure,
     call,
+    compiled_case,
     identity_compile,
     output_loss,
 )
@@ -139,12 +140,7 @@ def compiled_cache() -> dict:
 
 
 def _compiled(cache: dict, name: str, strategy: str, budget: float) -> tuple[nn.Module, Any]:
-    key = (name, strategy, budget)
-    if key not in cache:
-        case = CASES[name]
-        model = case.build()
-        cache[key] = (model, npas_fx.compile(model, budget, strategy=strategy, example_inputs=case.example()))
-    return cache[key]
+    return compiled_case(cache, CASES, name, strategy, budget)
 
 
 # ---- the sweep ----------------------------------------------------------------------------------

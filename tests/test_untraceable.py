@@ -28,6 +28,7 @@ from structured import (
     assert_same_outputs,
     assert_same_structure,
     call,
+    compiled_case,
     identity_compile,
     output_loss,
 )
@@ -239,13 +240,7 @@ def compiled_cache() -> dict:
 
 
 def _compiled(cache: dict, name: str, strategy: str, budget: float) -> tuple[nn.Module, Any]:
-    key = (name, strategy, budget)
-    if key not in cache:
-        case = CASES[name]
-        model = case.build()
-        cache[key] = (model, npas_fx.compile(model, budget, strategy=strategy, example_inputs=case.example()))
-    model, gm = cache[key]
-    return model, copy.deepcopy(gm)
+    return compiled_case(cache, CASES, name, strategy, budget)
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
