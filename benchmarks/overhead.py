@@ -43,7 +43,7 @@ class TinyTransformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         h = self.embed(tokens)  # (B, T, D)
-        for n1, attn, n2, up, down in zip(self.norms1, self.attns, self.norms2, self.ups, self.downs):
+        for n1, attn, n2, up, down in zip(self.norms1, self.attns, self.norms2, self.ups, self.downs, strict=True):
             x = n1(h)
             h = h + attn(x, x, x, need_weights=False)[0]
             h = h + down(F.gelu(up(n2(h))))
