@@ -119,24 +119,13 @@ def test_emb_coefficients_come_from_the_layer_embedding(normalize):
     torch.testing.assert_close(gen(bank, weight, bias), expected.view(2, 2))
 
 
-def _lowbias32(x: int) -> int:
-    """The 32-bit integer hash the generators use, in plain Python (an independent reference)."""
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
 def _tiled(bank: torch.Tensor, numel: int, offset: int) -> torch.Tensor:
-    """Reference tiling: copy c of the bank rotated by mix32(c) mod P (copy 0 unrotated)."""
+    """Reference tiling: copy c of the bank rotated by c places."""
     size = bank.numel()
     values = []
     for j in range(offset, offset + numel):
         copy, k = divmod(j, size)
-        rotation = 0 if copy == 0 else _lowbias32(copy) % size
-        values.append(bank[(k + rotation) % size])
+        values.append(bank[(k + copy) % size])
     return torch.stack(values)
 
 
