@@ -172,10 +172,10 @@ def _tile(bank: Tensor, numel: int, offset: int) -> Tensor:
     the digits benchmark at 25 %: 87 % against 97 %.)
     """
     size = bank.numel()
-    copies = -(-(numel + offset) // size)
-    rotation = torch.remainder(torch.arange(copies, device=bank.device), size)
-    rotations = torch.cat([bank, bank]).unfold(0, size, 1)  # (P + 1, P): row s = bank rotated by s
-    return rotations[rotation].reshape(-1).narrow(0, offset, numel)
+    # One gather, O(numel): gathering rotated views of the bank instead would make autograd
+    # materialise a (P + 1, P) gradient, quadratic in the bank size.
+    position = torch.arange(offset, offset + numel, device=bank.device)
+    return bank[torch.remainder(position + torch.div(position, size, rounding_mode="floor"), size)]
 
 
 class Repeat(WeightGenerator):
