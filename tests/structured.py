@@ -112,3 +112,15 @@ def compiled_case(
         cache[key] = (model, npas_fx.compile(model, budget, strategy=strategy, example_inputs=case.example()))
     model, gm = cache[key]
     return model, copy.deepcopy(gm)
+
+
+def assert_compiled_like(model: nn.Module, gm: fx.GraphModule, example: Any, budget: float) -> None:
+    """Exact budget, the original's output structure (eval), and gradients reaching every bank."""
+    target = round(budget * npas_fx.count_parameters(model))
+    assert npas_fx.count_parameters(gm) == target == npas_fx.plan_of(gm).trainable_params
+    gm.eval()
+    assert_same_structure(call(gm, example), call(model.eval(), example))
+    gm.train()
+    gm.zero_grad()
+    output_loss(call(gm, example)).backward()
+    assert_gradient_reaches_every_bank(gm)
