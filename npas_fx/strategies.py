@@ -25,7 +25,7 @@ class StrategyContext:
     """What a strategy may look at.
 
     ``shapes``/``names`` describe the generated layers in graph order. Learned strategies also get
-    the traced ``graph_module``, the ``budget``, user ``data``/``loss_fn`` and their ``options``,
+    the traced ``graph_module`` (and the whole ``trace`` result it came from), the ``budget``, user ``data``/``loss_fn`` and their ``options``,
     ``search_steps`` (length of their short pre-training), the ``kept`` count (trainable values
     left dense) and the ``generator_config`` the final model is built with.
     """
@@ -42,6 +42,7 @@ class StrategyContext:
     search_steps: int | None = None
     kept: int = 0
     generator_config: Any = None
+    trace: Any = None
 
 
 @dataclass(frozen=True)

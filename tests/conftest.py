@@ -22,6 +22,8 @@ torch.set_num_threads(1)  # 2-core machine: one intra-op thread is faster for ti
 
 BUDGETS: tuple[float | str, ...] = (0.1, 1.0, 4.0, "int")
 STRATEGY_NAMES: tuple[str, ...] = ("shape", "single", "random", "hash")
+# Learned strategies (and SuperWeights without search) swept on the same model families.
+LEARNED_NAMES: tuple[str, ...] = ("superweight", "ssn", "swn")
 
 
 def budget_value(budget: float | str, model: nn.Module) -> int | float:

@@ -32,6 +32,9 @@ __all__ = [
     "output_loss",
     "assert_gradient_reaches_every_bank",
     "identity_compile",
+    "search_arguments",
+    "compiled_case",
+    "assert_compiled_like",
 ]
 
 
@@ -98,6 +101,22 @@ def identity_compile(model: nn.Module, example_inputs: Any = None) -> fx.GraphMo
     return gm
 
 
+def search_arguments(strategy: str, example: tuple | Mapping[str, Any]) -> dict[str, Any]:
+    """``compile`` keywords that let a learned strategy search on ``example`` (none for data-free ones).
+
+    The loss reaches every floating output (:func:`output_loss`), so any model can be searched:
+    a dict example is a keyword batch (``loss_fn(output)``), a tuple one ``(inputs, None)``.
+    """
+    if strategy not in ("ssn", "swn"):
+        return {}
+    if isinstance(example, Mapping):
+        data, loss_fn = [dict(example)], output_loss
+    else:
+        data, loss_fn = [(tuple(example), None)], (lambda output, _target: output_loss(output))
+    options: dict[str, Any] = {"progress": False, **({"grad_batches": 2} if strategy == "swn" else {})}
+    return {"data": data, "loss_fn": loss_fn, "search_steps": 3, "options": options}
+
+
 def compiled_case(
     cache: dict, cases: Mapping[str, Any], name: str, strategy: str, budget: float
 ) -> tuple[nn.Module, Any]:
@@ -109,7 +128,9 @@ def compiled_case(
     if key not in cache:
         case = cases[name]
         model = case.build()
-        cache[key] = (model, npas_fx.compile(model, budget, strategy=strategy, example_inputs=case.example()))
+        example = case.example()
+        extra = search_arguments(strategy, example)
+        cache[key] = (model, npas_fx.compile(model, budget, strategy=strategy, example_inputs=example, **extra))
     model, gm = cache[key]
     return model, copy.deepcopy(gm)
 

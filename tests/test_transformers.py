@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import STRATEGY_NAMES
+from conftest import LEARNED_NAMES, STRATEGY_NAMES
 from models import assert_unchanged, snapshot
 from structured import (
     assert_compiled_like,
@@ -144,9 +144,25 @@ def _compiled(cache: dict, name: str, strategy: str, budget: float) -> tuple[nn.
     return compiled_case(cache, CASES, name, strategy, budget)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("strategy", LEARNED_NAMES)
+def test_learned_plans_name_the_final_models_parameters_and_reapply(compiled_cache, name, strategy):
+    # The search model is built from the same traced module as the final one: the plan names the
+    # final model's own parameters (never a doubly wrapped ``model.model.``), and re-applies exactly.
+    model, gm = _compiled(compiled_cache, name, strategy, 0.1)
+    plan = npas_fx.plan_of(gm)
+    for layer in plan.layers:
+        owner = gm.get_submodule(layer.module)  # raises if the plan names a module gm does not have
+        assert layer.name.rpartition(".")[2] in owner._parameters, layer.name
+    x = CASES[name].example()
+    again = npas_fx.compile(model, plan=npas_fx.Plan.from_json(plan.to_json()), example_inputs=x)
+    assert npas_fx.plan_of(again).layers == plan.layers
+    assert_same_outputs(call(again.eval(), x), call(gm.eval(), x))
+
+
 # ---- the sweep ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES + LEARNED_NAMES)
 @pytest.mark.parametrize("budget", [0.1, 2.0])
 def test_exact_budget_structure_and_gradients(compiled_cache, name, strategy, budget):
     model, gm = _compiled(compiled_cache, name, strategy, budget)

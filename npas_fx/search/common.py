@@ -10,17 +10,21 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import numbers
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from .. import compiler
+from ..budget import GeneratorConfig
+from ..build import BuildSettings, build
+from ..compiler import plan_of
+from ..passes.trace import TraceResult
 from ..strategies import StrategyContext
 from .pretrain import LossFn, batch_loss
 
@@ -93,21 +97,33 @@ class SearchOptions:
 
 
 def compile_search_model(
-    ctx: StrategyContext, budget: int, strategy: str, **kwargs: Any
+    ctx: StrategyContext, budget: int, strategy: str, *, generators: GeneratorConfig, options: dict | None = None
 ) -> tuple[fx.GraphModule, list[int]]:
-    """Compile the strategy's traced copy for search; returns it and, per context layer, its generator index.
+    """Build the search model from a copy of the strategy's traced module; returns it and, per
+    context layer, its generator index.
 
-    Every ≥2-D parameter the context does not generate is kept dense, so the search model
-    generates exactly ``ctx.names`` (a user's ``keep=`` carries over).
+    The copy is built directly (not traced again), so a root that runs as one leaf, opaque leaves
+    and parameter names are exactly the final model's. Every >=2-D parameter the context does not
+    generate is kept dense, so the search model generates exactly ``ctx.names`` (a user's ``keep=``
+    carries over).
     """
-    gm = ctx.graph_module
-    if gm is None:
-        raise ValueError("a learned strategy needs the traced model in its context (`graph_module`).")
+    if ctx.trace is None and ctx.graph_module is None:
+        raise ValueError("a learned strategy needs the traced model in its context (`trace`).")
+    traced = ctx.trace if ctx.trace is not None else TraceResult(ctx.graph_module)
+    traced = replace(traced, graph_module=copy.deepcopy(traced.graph_module))
     wanted = set(ctx.names)
+    gm = traced.graph_module
     others = [n for n, p in gm.named_parameters() if p.requires_grad and p.dim() >= 2 and n not in wanted]
-    keep = "|".join(re.escape(n) for n in others) if others else None
-    search = compiler.compile(gm, budget, strategy=strategy, seed=ctx.seed, keep=keep, copy_weights=False, **kwargs)
-    position = {x.name: i for i, x in enumerate(compiler.plan_of(search).layers)}
+    settings = BuildSettings(
+        strategy=strategy,
+        seed=ctx.seed,
+        config=generators,
+        keep="|".join(re.escape(n) for n in others) or None,  # exact names: a suffix list could match more
+        copy_weights=False,
+        options=options,
+    )
+    search = build(traced, budget, settings)
+    position = {x.name: i for i, x in enumerate(plan_of(search).layers)}
     missing = [n for n in ctx.names if n not in position]
     if missing:
         raise RuntimeError(f"npas_fx bug: the search model does not generate {missing}.")
