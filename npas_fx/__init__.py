@@ -12,7 +12,10 @@ from . import search  # noqa: F401 - importing it registers the learned strategi
 from .budget import GeneratorConfig
 from .compiler import compile, count_parameters, plan_of
 from .draw import draw_plan
+from .materialize import materialize
 from .plan import Plan
+from .runtime import cached, clear_cache
+from .saving import load, save
 from .strategies import STRATEGIES, register_strategy
 
 __all__ = [
@@ -24,5 +27,10 @@ __all__ = [
     "STRATEGIES",
     "register_strategy",
     "draw_plan",
+    "materialize",
+    "cached",
+    "clear_cache",
+    "save",
+    "load",
 ]
 __version__ = "0.1.0"

@@ -36,6 +36,7 @@ from .passes.collect_params import ParamInfo, collect_params
 from .passes.insert_generators import GeneratorCall, insert_generators
 from .passes.trace import TraceResult
 from .plan import GroupPlan, KeptParam, LayerPlan, OpaqueModule, Plan
+from .runtime import attach_runtime
 from .shared_params import SharedParameters, target_std
 from .strategies import STRATEGIES, Grouping, StrategyContext
 from .superweights import plan_superweights
@@ -329,6 +330,7 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
         for i, p in enumerate(generated)
     }
     insert_generators(gm, calls)
+    attach_runtime(gm, shared, [p.aliases for p in generated], traced.root, traced.prefix)
     gm.meta[PLAN_KEY] = plan  # what deepcopy keeps
     setattr(gm, PLAN_KEY, plan)  # what pickling keeps
     setattr(shared, PLAN_KEY, plan)  # what deepcopy then pickling keeps

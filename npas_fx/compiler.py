@@ -176,6 +176,6 @@ def compile(  # noqa: A001 - mirrors torch.compile
     )
     gm = build(traced, target, settings)
     if example_inputs is not None:
-        generated = [a for layer in plan_of(gm).layers for a in (layer.name, *layer.aliases)]
+        generated = list(dict.fromkeys(a for layer in plan_of(gm).layers for a in (layer.name, *layer.aliases)))
         _check_runs(gm, model, example_inputs, traced.prefix, generated)
     return gm

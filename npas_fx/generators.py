@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .runtime import CACHE_ATTR, generate_cached
+
 __all__ = [
     "WeightGenerator",
     "TemplateMix",
@@ -47,6 +49,15 @@ class WeightGenerator(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.numel = math.prod(self.shape)
         self.gain = float(gain)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        # Reused while the inputs are unchanged, in eval without grad or inside npas_fx.cached().
+        return generate_cached(self, inputs, super().__call__)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop(CACHE_ATTR, None)  # a cached weight is derived data: never saved or copied
+        return state
 
     def _finish(self, flat: Tensor) -> Tensor:
         # A gain of exactly 1 (copied weights) skips the multiply so copies stay bit-exact.

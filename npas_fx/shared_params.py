@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, TemplateMix, WeightGenerator
 from .plan import GroupPlan, LayerPlan
+from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
 
 __all__ = ["GroupBank", "SharedParameters", "make_generator"]
@@ -93,6 +95,14 @@ class SharedParameters(nn.Module):
             {f"l{i}": make_generator(x, embedding_dim, normalize, layouts.get(x.group)) for i, x in enumerate(layers)}
         )
         self.layer_groups = [x.group for x in layers]
+
+    def train(self, mode: bool = True) -> SharedParameters:
+        clear_cache(self)  # cached eval weights are only valid until training can change the banks
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SharedParameters:
+        clear_cache(self)  # .to()/.half()/.cuda() make new tensors: never serve the old ones
+        return super()._apply(fn, recurse)
 
     def input_paths(self, index: int, prefix: str = "") -> tuple[str, ...]:
         """Qualified names of the tensors generator ``index`` is called on."""

@@ -109,13 +109,19 @@ def test_compiled_model_invariants(compiled, name, strategy, budget):
     # (a non-persistent buffer read by traced code turns persistent: see test_passes.py's xfail)
     assert {k for k in reference.state_dict() if k in buffers} <= set(gm.state_dict())
 
-    # the generated parameters are gone from the modules that owned them; every other trainable
-    # parameter is one the plan keeps dense
-    for layer in plan.layers:
+    # the generated parameters are gone from the modules that owned them (no longer parameters);
+    # reading one outside forward gives its current generated value, of the original shape, from
+    # the banks; every other trainable parameter is one the plan keeps dense
+    shared = gm.get_submodule("npas")
+    for index, layer in enumerate(plan.layers):
         for alias in layer.aliases:
             owner, _, leaf = alias.rpartition(".")
             assert alias not in params
-            assert getattr(gm.get_submodule(owner), leaf, None) is None  # None, or gone from the root
+            if not owner:  # a root parameter of a traced root: the GraphModule reads it in its graph
+                continue
+            weight = getattr(gm.get_submodule(owner), leaf)
+            assert not isinstance(weight, torch.nn.Parameter) and weight.requires_grad
+            assert weight.shape == layer.shape and torch.equal(weight, shared.generate(index))
     kept = {a for k in plan.kept for a in k.aliases}
     assert {n for n, p in params.items() if p.requires_grad and not n.startswith("npas.")} == kept
 

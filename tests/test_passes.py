@@ -240,7 +240,7 @@ def test_rewrite_of_a_traced_through_attention_block():
     strict=True,
     raises=TypeError,
     reason="call_with_parameters is a leaf only for GeneratedModuleTracer (gm._tracer_cls); a plain "
-    "torch.fx.symbolic_trace of a rewritten module traces into functional_call and fails on Proxies",
+    "torch.fx.symbolic_trace of a rewritten module would lose the bound parameters, so it is refused",
 )
 def test_plain_symbolic_trace_of_a_rewritten_module():
     fx.symbolic_trace(_rewritten(nn.Sequential(nn.Linear(3, 2)), ["0.weight"]))

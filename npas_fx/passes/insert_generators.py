@@ -36,17 +36,73 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 from torch.func import functional_call
 
-__all__ = ["GeneratorCall", "insert_generators", "call_with_parameters", "GeneratedModuleTracer"]
+__all__ = ["GeneratorCall", "insert_generators", "call_with_parameters", "forget_flat_weights", "GeneratedModuleTracer"]
 
 
-def call_with_parameters(module: torch.nn.Module, parameters: dict, args: tuple, kwargs: dict) -> object:
-    """``module(*args, **kwargs)`` with ``parameters`` (relative name -> tensor) in place of its own."""
-    return functional_call(module, parameters, args, kwargs)
+def call_with_parameters(
+    module: torch.nn.Module,
+    parameters: Mapping[str, Tensor],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    more_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """``module(*args, **kwargs, **more_kwargs)`` with ``parameters`` (relative name -> tensor) in
+    place of its own (``more_kwargs``: a forward's ``**kwargs`` passed through).
+
+    The eager path puts the tensors into their owners' parameter slots for the call and restores
+    them after (what ``torch.func.functional_call`` does, minus bookkeeping that costs more than a
+    small layer's forward). A name whose owner is gone or no longer has that slot (a layer replaced
+    by a wrapper, e.g. peft's LoRA) is skipped: the wrapper reads the weight itself. Under
+    ``torch.compile``/``torch.export`` it is ``functional_call`` with a fresh dict (a graph's literal
+    dict is immutable, and ``functional_call`` writes into its argument).
+    """
+    if more_kwargs:
+        kwargs = {**kwargs, **more_kwargs}
+    if any(isinstance(t, fx.Proxy) for t in parameters.values()):
+        # Tracing into the call would record a plain call of the leaf and lose its parameters.
+        raise TypeError(
+            "call_with_parameters must stay one node when a compiled module is traced: trace it with "
+            "its own tracer class (gm._tracer_cls, npas_fx.passes.insert_generators.GeneratedModuleTracer)."
+        )
+    if torch.compiler.is_compiling():
+        return functional_call(module, dict(parameters), tuple(args), dict(kwargs))
+    slots = [(found, tensor) for name, tensor in parameters.items() if (found := _slot(module, name)) is not None]
+    previous = [owner._parameters[leaf] for (owner, leaf), _ in slots]
+    try:
+        for (owner, leaf), tensor in slots:
+            owner._parameters[leaf] = tensor
+        return module(*args, **kwargs)
+    finally:
+        for ((owner, leaf), _), old in zip(slots, previous, strict=True):
+            owner._parameters[leaf] = old
+            forget_flat_weights(owner, (leaf,))
+
+
+def _slot(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | None:
+    path, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
+    return (owner, leaf) if leaf in owner._parameters else None
+
+
+def forget_flat_weights(owner: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """Drop ``names`` from an RNN's ``_flat_weights`` list (its forward refills it from the attributes).
+
+    RNNs keep their weights in a list beside ``_parameters``; after a rewrite or a bound call it
+    would keep the dense originals, or the last generated tensors and their graph, alive.
+    """
+    flat_names = owner.__dict__.get("_flat_weights_names")
+    flat = owner.__dict__.get("_flat_weights")
+    if flat_names is not None and flat is not None:
+        owner.__dict__["_flat_weights"] = [None if n in names else w for n, w in zip(flat_names, flat, strict=True)]
 
 
 class GeneratedModuleTracer(fx.Tracer):
@@ -126,8 +182,9 @@ def insert_generators(gm: fx.GraphModule, calls: Mapping[str, GeneratorCall]) ->
     for alias in alias_to_param:
         owner_path, _, leaf_name = alias.rpartition(".")
         owner = gm.get_submodule(owner_path)
-        # None keeps the attribute defined (``module.weight is None``) while removing the parameter.
+        # None keeps the slot (calls bind the generated tensor there) while removing the parameter.
         owner._parameters[leaf_name] = None
+        forget_flat_weights(owner, (leaf_name,))
     for node in graph.nodes:
         if isinstance(node.type, str):
             # A string annotation (``from __future__ import annotations`` in the model's file)

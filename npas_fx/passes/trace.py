@@ -6,15 +6,16 @@ behaviour, which tracing through them would freeze. Modules torch.fx cannot trac
 too (:mod:`.find_opaque`); extra leaves can be named in ``opaque``.
 
 When even the root cannot be traced (every Hugging Face transformers model), the result is a
-GraphModule around the root as one leaf: the root lives at ``gm.model`` and the graph is::
+GraphModule around the root as one leaf: the root lives at ``gm.model`` and, for a root whose
+``forward(self, input_ids=None, *, return_dict=None, **kwargs)``, the graph is::
 
-    def forward(self, *args, **kwargs):
+    def forward(self, input_ids=None, *, return_dict=None, **kwargs):
         model = self.model
-        call_with_parameters = call_with_parameters(model, {}, args, kwargs)
+        call_with_parameters = call_with_parameters(model, {}, (input_ids,), {'return_dict': return_dict}, kwargs)
         return call_with_parameters
 
-so every input (keywords, non-tensors) and every output (dicts, ``ModelOutput``) passes through
-unchanged, and :mod:`.insert_generators` feeds the generated parameters into the ``{}``.
+(the root's own signature, so tools that inspect it see the model's), so every input (keywords,
+non-tensors) and every output (dicts, ``ModelOutput``) passes through unchanged, and :mod:`.insert_generators` feeds the generated parameters into the ``{}``.
 
 With ``example_inputs`` the trace is checked, not trusted: arguments the inputs leave out may be
 specialised to their defaults (torch.fx guards them at run time), and a deep trace is kept only
@@ -32,15 +33,16 @@ Example:
     >>> result.opaque
     {'': 'TraceError: symbolically traced variables cannot be used as inputs to control flow'}
     >>> print(result.graph_module.code.strip())  # doctest: +ELLIPSIS
-    def forward(self, *args, **kwargs):
+    def forward(self, x):
         model = self.model
-        call_with_parameters = ...call_with_parameters(model, {}, args, kwargs);  model = args = kwargs = None
+        call_with_parameters = ...call_with_parameters(model, {}, (x,), {}, None);  model = x = None
         return call_with_parameters
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,12 +69,15 @@ class TraceResult:
         opaque: path -> reason for every module that runs as a leaf; ``""`` is the root.
         traced: paths of the modules whose ``forward`` was traced through, ``""`` first.
         specialized: the arguments fixed to a value by tracing (torch.fx checks them when called).
+        root: the module that was traced. Its submodules are the GraphModule's leaves (the same
+            objects), so it is the original-class skeleton around them (``None``: not kept).
     """
 
     graph_module: fx.GraphModule
     opaque: Mapping[str, str] = field(default_factory=dict)
     traced: tuple[str, ...] = ()
     specialized: Mapping[str, Any] = field(default_factory=dict)
+    root: nn.Module | None = None
 
     @property
     def prefix(self) -> str:
@@ -100,16 +105,69 @@ def _attach_unused_modules(gm: fx.GraphModule, root: nn.Module) -> None:
             gm.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
 
 
+def _mirrored_signature(root: nn.Module) -> inspect.Signature | None:
+    """``root.forward``'s signature when the wrapper can repeat it (defaults torch.fx can print)."""
+    try:
+        signature = inspect.signature(root.forward)
+    except (TypeError, ValueError):
+        return None
+    for parameter in signature.parameters.values():
+        default = parameter.default
+        if default is not inspect.Parameter.empty and not isinstance(default, _BASE_TYPES):
+            return None
+        if not parameter.name.isidentifier() or parameter.name in ("self", ROOT_LEAF):
+            return None
+    return signature
+
+
+def _mirror_call(graph: fx.Graph, module: fx.Node, signature: inspect.Signature | None) -> fx.Node:
+    """Placeholders repeating ``signature`` and the call passing each of them on, unchanged."""
+    if signature is None:
+        args = graph.create_node("placeholder", "*args", name="args")
+        kwargs = graph.create_node("placeholder", "**kwargs", name="kwargs")
+        return graph.call_function(call_with_parameters, (module, {}, args, kwargs))
+    kinds = inspect.Parameter
+    has_star = any(p.kind is kinds.VAR_POSITIONAL for p in signature.parameters.values())
+    positional: list[fx.Node] = []
+    star: fx.Node | None = None
+    named: dict[str, fx.Node] = {}
+    extra: fx.Node | None = None
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is kinds.VAR_POSITIONAL:
+            star = graph.create_node("placeholder", "*" + name, name=name)
+        elif parameter.kind is kinds.VAR_KEYWORD:
+            extra = graph.create_node("placeholder", "**" + name, name=name)
+        else:
+            node = graph.placeholder(name, default_value=parameter.default)
+            # Required arguments go by position (as callers pass them: forward pre-hooks see them in
+            # ``args``), optional ones by keyword: a decorated forward (Hugging Face) may fill some
+            # of them itself from ``**kwargs``, and keywords cannot collide with that.
+            by_position = parameter.kind is kinds.POSITIONAL_ONLY or (
+                parameter.kind is kinds.POSITIONAL_OR_KEYWORD
+                and (has_star or parameter.default is inspect.Parameter.empty)
+            )
+            if by_position:
+                positional.append(node)
+            else:
+                named[name] = node
+    args: Any = tuple(positional) if star is None else graph.call_function(operator.add, (tuple(positional), star))
+    return graph.call_function(call_with_parameters, (module, {}, args, named, extra))
+
+
 def root_as_leaf(root: nn.Module) -> fx.GraphModule:
-    """A GraphModule that runs ``root`` (kept at ``gm.model``) as one node; see the module doc."""
+    """A GraphModule that runs ``root`` (kept at ``gm.model``) as one node; see the module doc.
+
+    Its ``forward`` repeats ``root.forward``'s signature (names, defaults, ``*args``/``**kwargs``),
+    so tools that read it -- Hugging Face ``Trainer`` drops dataset columns the forward does not
+    name and finds ``labels`` there -- see the model's own; every argument is passed on unchanged.
+    """
     holder = nn.Module()
     holder.add_module(ROOT_LEAF, root)
     graph = fx.Graph()
-    args = graph.create_node("placeholder", "*args", name="args")
-    kwargs = graph.create_node("placeholder", "**kwargs", name="kwargs")
     module = graph.get_attr(ROOT_LEAF)
-    graph.output(graph.call_function(call_with_parameters, (module, {}, args, kwargs)))
-    gm = fx.GraphModule(holder, graph, type(root).__name__)
+    graph.output(_mirror_call(graph, module, _mirrored_signature(root)))
+    # Named for what it is: a compiled wrapper, not the wrapped class (error messages, reprs).
+    gm = fx.GraphModule(holder, graph, f"Compiled{type(root).__name__}")
     gm.training = root.training
     return gm
 
@@ -237,7 +295,7 @@ def trace(
                 if why := _disagreement(gm, expected[0], example_inputs):
                     failures.append(why)
                     continue
-            return TraceResult(gm, search.opaque, search.traced, dict(concrete or {}))
+            return TraceResult(gm, search.opaque, search.traced, dict(concrete or {}), root)
     # The unspecialised trace's error is torch.fx's own; a graph that disagreed is worth adding.
     why = "; ".join(dict.fromkeys(failures[:1] + [f for f in failures if f.startswith("the traced graph")]))
     why = why or "named opaque"
@@ -246,7 +304,7 @@ def trace(
             f"torch.fx could not trace {type(root).__name__}: {why}. "
             "Make its forward traceable, or let it run as one leaf (fallback=True)."
         )
-    return TraceResult(root_as_leaf(root), {"": why})
+    return TraceResult(root_as_leaf(root), {"": why}, root=root)
 
 
 def is_traceable(module: nn.Module) -> bool:

@@ -110,7 +110,7 @@ def compile_search_model(
     if ctx.trace is None and ctx.graph_module is None:
         raise ValueError("a learned strategy needs the traced model in its context (`trace`).")
     traced = ctx.trace if ctx.trace is not None else TraceResult(ctx.graph_module)
-    traced = replace(traced, graph_module=copy.deepcopy(traced.graph_module))
+    traced = replace(traced, graph_module=copy.deepcopy(traced.graph_module), root=None)
     wanted = set(ctx.names)
     gm = traced.graph_module
     others = [n for n, p in gm.named_parameters() if p.requires_grad and p.dim() >= 2 and n not in wanted]
