@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -33,9 +32,11 @@ from .passes.insert_generators import GeneratorCall, insert_generators
 from .passes.run_example import ModuleRunError, run_example
 from .passes.trace import trace
 from .plan import GroupPlan, KeptParam, LayerPlan, OpaqueModule, Plan
-from .shared_params import SharedParameters, target_std
+from .plan_checks import check_plan_fits
+from .shared_params import SharedParameters, target_std, wide_std
 from .strategies import STRATEGIES, Grouping, StrategyContext
 from .superweights import plan_superweights
+from .validation import check_arguments, check_budget_size, check_model, split_mixed_groups
 
 __all__ = ["compile", "plan_of", "count_parameters"]
 
@@ -65,22 +66,7 @@ def plan_of(gm: nn.Module) -> Plan:
     return plan
 
 
-# ---- validation ---------------------------------------------------------------------------------
-def _validate_arguments(model: Any, budget: Any, plan: Any, strategy: Any, seed: Any, generators: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` should be a torch.nn.Module, got {type(model).__name__}.")
-    if plan is None and budget is None:
-        raise TypeError("give a `budget` (int count or float multiple) or a saved `plan=`.")
-    if plan is not None and not isinstance(plan, Plan):
-        raise TypeError(f"`plan` should be an npas_fx.Plan (see Plan.from_json), got {type(plan).__name__}.")
-    if plan is None and strategy not in STRATEGIES:
-        raise ValueError(f"unknown `strategy` {strategy!r}; available: {sorted(STRATEGIES)}.")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"`seed` should be an int, got {type(seed).__name__} {seed!r}.")
-    if generators is not None and not isinstance(generators, GeneratorConfig):
-        raise TypeError(f"`generators` should be an npas_fx.GeneratorConfig, got {type(generators).__name__}.")
-
-
+# ---- validation (argument checks live in npas_fx.validation) ------------------------------------
 def _keep_matcher(keep: str | Sequence[str] | None) -> Any:
     if keep is None:
         return lambda name: False
@@ -97,6 +83,8 @@ def _kept_reason(info: ParamInfo, is_kept: Any) -> str | None:
         return "keep"
     if not info.reads:
         return "unused"
+    if info.numel == 0:
+        return "empty"  # costs nothing and has nothing to generate
     if len(info.shape) >= 2:
         return None
     if "Norm" in info.module_type:
@@ -210,7 +198,7 @@ def _check_runs(gm: fx.GraphModule, model: nn.Module, example_inputs: Any, prefi
         run_example(gm, example_inputs, training=None)
     except ModuleRunError as error:
         try:
-            run_example(model, example_inputs, training=None)
+            run_example(copy.deepcopy(model), example_inputs, training=None)  # a forward may edit its weights
         except ModuleRunError as original:
             raise ValueError(
                 f"{type(model).__name__} itself fails on `example_inputs`: {original}. Give inputs the model "
@@ -254,7 +242,7 @@ def _initialise(
     for i, layer in enumerate(layers):
         gain = 1.0
         if not layer.copied:
-            produced = float(shared.generate(i).double().std()) if layer.numel > 1 else 0.0
+            produced = wide_std(shared.generate(i)) if layer.numel > 1 else 0.0
             gain = target_std(originals[i]) / produced if produced > 0 and math.isfinite(produced) else 1.0
         shared.generators[f"l{i}"].gain = gain
         result.append(replace(layer, gain=gain))
@@ -287,6 +275,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     loss_fn: Any = None,
     options: Mapping[str, Any] | None = None,
     search_steps: int | None = None,
+    allow_large_budget: bool = False,
 ) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with exactly ``budget`` trainable parameters.
 
@@ -313,6 +302,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options: strategy-specific options.
         search_steps: optimiser steps of a learned strategy's short pre-training (see
             :mod:`npas_fx.search`; the batch convention is in :mod:`npas_fx.search.pretrain`).
+        allow_large_budget: allow a budget over 1000x the model's parameter count (refused by
+            default: such a budget is almost always a typo, and its banks may not fit in memory).
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`plan_of` gives its plan.
@@ -324,11 +315,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         >>> torch.equal(gm(torch.ones(1, 10)), model(torch.ones(1, 10)))
         True
     """
-    _validate_arguments(model, budget, plan, strategy, seed, generators)
-    if search_steps is not None and (
-        isinstance(search_steps, bool) or not isinstance(search_steps, numbers.Integral) or search_steps < 1
-    ):
-        raise ValueError(f"`search_steps` should be a positive int, got {search_steps!r}.")
+    check_arguments(**locals())  # every argument, before anything is built
+    check_model(model)
     original = count_parameters(model)
     if original == 0:
         raise ValueError(
@@ -344,6 +332,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     else:
         config = generators or GeneratorConfig()
         target = resolve_budget(budget, original)
+    check_budget_size(target, original, allow_large_budget)
 
     work = copy.deepcopy(model)
     # A saved plan re-applies to the same leaves (its parameter names depend on them).
@@ -368,6 +357,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     if plan is not None:
         generated = _match_plan(plan, infos)
+        check_plan_fits(plan, infos)
         layers = list(plan.layers)
         groups = list(plan.groups)
         kept = list(plan.kept)
@@ -389,7 +379,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
             kept=kept_count,
             generator_config=config,
         )
-        grouping = STRATEGIES[strategy](context)
+        grouping = split_mixed_groups(STRATEGIES[strategy](context), [(p.dtype, p.device) for p in generated])
         _check_grouping(grouping, len(generated), strategy)
         layers, groups = _plan_layers(generated, grouping, kept_count, target, config, copy_weights)
         opaque = tuple(OpaqueModule(path, why) for path, why in traced.opaque.items())
@@ -401,6 +391,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         torch.manual_seed(int(seed))
         shared = SharedParameters(layers, groups, config.embedding_dim, config.normalize)
         _place(shared, layers, generated)
+        shared.init_complex_banks()
         layers = _initialise(shared, layers, originals, calibrate)
 
     result = Plan(

@@ -100,6 +100,38 @@ def _attach_unused_modules(gm: fx.GraphModule, root: nn.Module) -> None:
             gm.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
 
 
+def _restore_non_persistent(gm: fx.GraphModule, root: nn.Module) -> None:
+    # A GraphModule registers the buffers its graph reads (get_attr) as persistent; a buffer the
+    # model keeps out of its state_dict must stay out of the compiled model's too.
+    for path, module in root.named_modules():
+        for name in module._non_persistent_buffers_set:
+            try:
+                owner = gm.get_submodule(path)
+            except AttributeError:
+                continue
+            if name in owner._buffers:
+                owner._non_persistent_buffers_set.add(name)
+
+
+def root_hooks(root: nn.Module) -> list[str]:
+    """Kinds of hooks registered on ``root`` itself (tracing calls ``root.forward``, skipping them).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = m.register_forward_pre_hook(lambda module, args: None)
+        >>> root_hooks(m)
+        ['forward pre-hook']
+    """
+    kinds = {
+        "_forward_pre_hooks": "forward pre-hook",
+        "_forward_hooks": "forward hook",
+        "_backward_pre_hooks": "backward pre-hook",
+        "_backward_hooks": "backward hook",
+    }
+    return [label for attr, label in kinds.items() if getattr(root, attr, None)]
+
+
 def root_as_leaf(root: nn.Module) -> fx.GraphModule:
     """A GraphModule that runs ``root`` (kept at ``gm.model``) as one node; see the module doc."""
     holder = nn.Module()
@@ -179,6 +211,7 @@ def _build(
         _restore_argument_names(graph, concrete_args)
     gm = fx.GraphModule(search.root, graph, type(root).__name__)
     _attach_unused_modules(gm, root)
+    _restore_non_persistent(gm, root)
     gm.training = root.training
     return gm
 
@@ -223,6 +256,9 @@ def trace(
     """
     _check_example_inputs(example_inputs)
     named = {path: "named opaque" for path in opaque}
+    if (hooks := root_hooks(root)) and "" not in named:
+        # A traced graph is a new root without the model's hooks; run as a leaf, the root keeps them.
+        named[""] = f"the root has hooks ({', '.join(hooks)})"
     failures: list[str] = []
     expected: list[Any] = []  # the model's own output, computed once when first needed
     if "" not in named:
@@ -240,7 +276,7 @@ def trace(
             return TraceResult(gm, search.opaque, search.traced, dict(concrete or {}))
     # The unspecialised trace's error is torch.fx's own; a graph that disagreed is worth adding.
     why = "; ".join(dict.fromkeys(failures[:1] + [f for f in failures if f.startswith("the traced graph")]))
-    why = why or "named opaque"
+    why = why or named.get("", "named opaque")
     if not fallback:
         raise RuntimeError(
             f"torch.fx could not trace {type(root).__name__}: {why}. "
