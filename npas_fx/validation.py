@@ -162,8 +162,10 @@ def check_arguments(
         raise ValueError(f"`seed` should be between 0 and 2**32 - 1, got {seed}; e.g. seed=0.")
     if generators is not None and not isinstance(generators, GeneratorConfig):
         raise TypeError(f"`generators` should be an npas_fx.GeneratorConfig, got {type(generators).__name__}.")
-    if num_groups is not None and (not _is_int(num_groups) or num_groups < 1):
+    if num_groups is not None and not _is_int(num_groups):
         raise TypeError(f"`num_groups` should be a positive int (a number of groups), got {_describe(num_groups)}.")
+    if num_groups is not None and num_groups < 1:
+        raise ValueError(f"`num_groups` should be a positive int (a number of groups), got {num_groups}.")
     for name, value in (("copy_weights", copy_weights), ("allow_large_budget", allow_large_budget)):
         if not isinstance(value, bool):
             raise TypeError(f"`{name}` should be True or False, got {_describe(value)}.")

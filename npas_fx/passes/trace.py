@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,17 +101,23 @@ def _attach_unused_modules(gm: fx.GraphModule, root: nn.Module) -> None:
             gm.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
 
 
+def _mark_non_persistent(gm: nn.Module, names: tuple[tuple[str, str], ...]) -> None:
+    for path, name in names:
+        try:
+            owner = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if name in owner._buffers:
+            owner._non_persistent_buffers_set.add(name)
+
+
 def _restore_non_persistent(gm: fx.GraphModule, root: nn.Module) -> None:
-    # A GraphModule registers the buffers its graph reads (get_attr) as persistent; a buffer the
-    # model keeps out of its state_dict must stay out of the compiled model's too.
-    for path, module in root.named_modules():
-        for name in module._non_persistent_buffers_set:
-            try:
-                owner = gm.get_submodule(path)
-            except AttributeError:
-                continue
-            if name in owner._buffers:
-                owner._non_persistent_buffers_set.add(name)
+    # A GraphModule registers the buffers its graph reads (get_attr) as persistent, again on every
+    # deepcopy; a buffer the model keeps out of its state_dict must stay out of the compiled one's.
+    names = tuple((path, name) for path, module in root.named_modules() for name in module._non_persistent_buffers_set)
+    if names:
+        _mark_non_persistent(gm, names)
+        gm._register_deepcopy_hook(functools.partial(_mark_non_persistent, names=names))
 
 
 def root_hooks(root: nn.Module) -> list[str]:
