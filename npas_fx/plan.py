@@ -257,7 +257,7 @@ class Plan:
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> Plan:
         """Read a plan from JSON text, or from a file given as a ``str`` or ``pathlib.Path``."""
-        is_text = isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{")
+        is_text = isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "[")
         if not is_text and not isinstance(text_or_path, (str, os.PathLike)):
             raise TypeError(f"Plan.from_json takes JSON text or a file path, got {type(text_or_path).__name__}.")
         text = text_or_path
