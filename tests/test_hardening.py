@@ -433,7 +433,7 @@ def test_corrupted_plans_are_refused_naming_the_field(name, tmp_path):
     field = field or "plan="
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(payload))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(PlanError) as info:
         Plan.from_json(path)
     assert field in str(info.value), str(info.value)
 
