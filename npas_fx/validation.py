@@ -40,6 +40,10 @@ MAX_SEED = 2**32 - 1  # numpy / scikit-learn (ssn's k-means) take seeds below 2*
 LARGE_BUDGET = 1000  # a budget over this multiple of the original needs allow_large_budget=True
 LEARNED = ("ssn", "swn")
 _SUPERWEIGHT_OPTIONS = ("groups", "hard", "shares")
+_GROUP_COUNTING = ("random", "ssn", "swn")  # the built-in strategies that read `num_groups`
+# What a saved plan fixes, with compile's defaults: giving another value next to `plan=` is refused.
+_PLAN_FIXES = {"strategy": "shape", "seed": 0, "copy_weights": True}
+_PLAN_FIXES_NONE = ("generators", "keep", "num_groups", "data", "loss_fn", "options", "search_steps")
 
 
 def strategy_options(strategy: str) -> tuple[str, ...] | None:
@@ -175,10 +179,32 @@ def check_arguments(
             f"{type(example_inputs).__name__}; wrap a single tensor as (x,)."
         )
     _check_keep(keep)
-    if plan is None:
-        _check_strategy(strategy)
-        _check_options(strategy, options)
-        _check_learned(strategy, data, loss_fn, search_steps)
+    values = {"strategy": strategy, "seed": seed, "copy_weights": copy_weights, "generators": generators}
+    values.update(keep=keep, num_groups=num_groups, data=data, loss_fn=loss_fn, options=options)
+    if plan is not None:
+        _check_plan_alone(values | {"search_steps": search_steps})
+        return
+    _check_strategy(strategy)
+    _check_options(strategy, options)
+    _check_learned(strategy, data, loss_fn, search_steps)
+    builtin = strategy_options(strategy) is not None
+    if num_groups is not None and builtin and strategy not in _GROUP_COUNTING:
+        raise ValueError(
+            f"strategy {strategy!r} does not take `num_groups` (got {num_groups}); it is read by "
+            f"{', '.join(repr(s) for s in _GROUP_COUNTING)}. Drop it or pick one of those."
+        )
+
+
+def _check_plan_alone(values: Mapping[str, Any]) -> None:
+    """A saved plan fixes strategy, seed, generators and groups: other values would be ignored."""
+    given = [n for n, default in _PLAN_FIXES.items() if values[n] is not default and values[n] != default]
+    given += [n for n in _PLAN_FIXES_NONE if values[n] is not None]
+    if given:
+        shown = ", ".join(f"`{n}`={values[n]!r}" for n in given)
+        raise ValueError(
+            f"a saved `plan` fixes how the model is compiled, so {shown} would be ignored; drop "
+            f"{'it' if len(given) == 1 else 'them'} (or compile with a budget to make a new plan)."
+        )
 
 
 def check_budget_size(target: int, original: int, allow_large_budget: bool = False) -> None:

@@ -88,6 +88,8 @@ def _with_hook(kind: str) -> nn.Module:
         model.register_forward_hook(lambda m, args, out: out.softmax(-1))
     elif kind == "backward":
         model.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0] * 7,))
+    elif kind == "state_dict":
+        model._register_state_dict_hook(lambda m, state, prefix, local: state.update({prefix + "extra": 1}))
     elif kind == "backward pre":
         model.register_full_backward_pre_hook(lambda m, grad_out: (grad_out[0] * -2,))
     return model
@@ -105,6 +107,12 @@ def test_root_forward_hooks_survive_the_identity_plan(kind):
     assert "hooks" in npas_fx.plan_of(gm).opaque[0].reason
     again = npas_fx.compile(model, plan=npas_fx.plan_of(gm))  # the saved plan re-applies the same way
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_root_state_dict_hooks_survive():
+    model = _with_hook("state_dict")
+    gm = npas_fx.compile(model, 0.5)
+    assert model.state_dict()["extra"] == 1 and gm.state_dict()["model.extra"] == 1
 
 
 @pytest.mark.parametrize("kind", ["backward", "backward pre"])
@@ -318,6 +326,8 @@ ARGUMENTS = [
     ({"budget": [0.5]}, TypeError, ["`budget`", "list"]),
     ({"budget": 10**9}, ValueError, ["`budget`", "1,000,000,000", "allow_large_budget=True"]),
     ({"allow_large_budget": 1}, TypeError, ["`allow_large_budget`"]),
+    ({"num_groups": 2}, ValueError, ["'shape'", "`num_groups`", "'random'"]),
+    ({"num_groups": 2, "strategy": "hash"}, ValueError, ["'hash'", "`num_groups`"]),
 ]
 
 
@@ -347,6 +357,26 @@ def test_a_large_budget_needs_opting_in():
     gm = npas_fx.compile(model, 1001 * 6, allow_large_budget=True)
     assert npas_fx.count_parameters(gm) == 6006
     assert npas_fx.count_parameters(npas_fx.compile(model, 1000 * 6)) == 6000  # the threshold itself is allowed
+
+
+PLAN_CONFLICTS = [
+    {"strategy": "hash"},
+    {"seed": 3},
+    {"keep": ["0.weight"]},
+    {"num_groups": 2},
+    {"generators": npas_fx.GeneratorConfig(upsample="mask")},
+    {"options": {}},
+    {"copy_weights": False},
+    {"loss_fn": F.mse_loss},
+]
+
+
+@pytest.mark.parametrize("kwargs", PLAN_CONFLICTS, ids=lambda k: next(iter(k)))
+def test_arguments_a_saved_plan_would_ignore_are_refused(kwargs):
+    plan = npas_fx.plan_of(npas_fx.compile(_mlp(), 0.5))
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"`{name}`=.*would be ignored"):
+        npas_fx.compile(_mlp(), plan=plan, **kwargs)
 
 
 # ---- corrupted plans --------------------------------------------------------------------------------------
@@ -445,6 +475,34 @@ def test_duplicated_layer_names_are_refused_even_in_one_group():
     data["layers"][-1]["overhead"] = 0
     with pytest.raises(ValueError, match=r"plan\.layers\[3\]\.name='0\.weight' names parameter '0\.weight'"):
         Plan.from_dict(data)
+
+
+def _generator_plan(strategy: str, config: dict, budget: float) -> dict:
+    gm = npas_fx.compile(_mlp(), budget, strategy=strategy, generators=npas_fx.GeneratorConfig(**config))
+    return json.loads(npas_fx.plan_of(gm).to_json())
+
+
+GENERATOR_CORRUPTIONS = {
+    "superweight block": ("superweight", {}, 0.6, _set("layers.0.block", [1, 1]), "plan.layers do not build"),
+    "superweight templates": ("superweight", {}, 0.6, _set("layers.0.templates", 5), "plan.layers do not build"),
+    "superweight mixed with repeat": ("superweight", {}, 0.6, _set("layers.0.generator", "repeat"), "mixes"),
+    "interpolate grid past bank": ("shape", {"upsample": "interpolate"}, 0.3, _set("layers.0.grid", [50, 50]), "grid"),
+    "interpolate grid of 1": ("shape", {"upsample": "interpolate"}, 0.3, _set("layers.0.grid", [2]), "grid=(2,)"),
+    "mask without its mask": ("shape", {"upsample": "repeat"}, 0.3, _set("layers.0.generator", "mask"), "overhead"),
+    "emb as repeat": ("shape", {"downsample": "emb"}, 3.0, _set("layers.0.generator", "repeat"), "overhead=24"),
+    "emb templates past bank": ("shape", {"downsample": "emb"}, 3.0, _set("layers.0.templates", 3), "offset"),
+    "emb with one template": ("hash", {}, 0.5, _set("layers.0.generator", "emb"), "templates=0"),
+}
+
+
+@pytest.mark.parametrize("name", GENERATOR_CORRUPTIONS)
+def test_corrupted_generator_fields_are_refused_before_building(name):
+    strategy, config, budget, edit, field = GENERATOR_CORRUPTIONS[name]
+    data = _generator_plan(strategy, config, budget)
+    edit(data)
+    with pytest.raises(PlanError) as info:
+        npas_fx.compile(_mlp(), plan=Plan.from_dict(data))
+    assert field in str(info.value), str(info.value)
 
 
 MISFITS = {

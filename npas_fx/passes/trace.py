@@ -135,6 +135,10 @@ def root_hooks(root: nn.Module) -> list[str]:
         "_forward_hooks": "forward hook",
         "_backward_pre_hooks": "backward pre-hook",
         "_backward_hooks": "backward hook",
+        "_state_dict_pre_hooks": "state_dict pre-hook",
+        "_state_dict_hooks": "state_dict hook",
+        "_load_state_dict_pre_hooks": "load_state_dict pre-hook",
+        "_load_state_dict_post_hooks": "load_state_dict post-hook",
     }
     return [label for attr, label in kinds.items() if getattr(root, attr, None)]
 
