@@ -231,6 +231,14 @@ def check_plan_fits(plan: Any, infos: Sequence[Any]) -> None:
             raise PlanError(f"plan.kept[{i}].name={k.name!r} is no trainable parameter of this model.")
         if info.numel != k.numel:
             raise PlanError(f"plan.kept[{i}].numel={k.numel} but the model's {k.name!r} has {info.numel} values.")
+    kinds: dict[int, set] = {}
+    for x in plan.layers:
+        info = by_alias.get(x.name)
+        if info is not None:
+            kinds.setdefault(x.group, set()).add(f"{info.dtype} on {info.device}")
+    for j, g in enumerate(plan.groups):
+        if len(kinds.get(g.index, ())) > 1:
+            raise _fail(f"plan.groups[{j}].layers", list(g.layers), f"mix {' and '.join(sorted(kinds[g.index]))}")
     original = sum(p.numel for p in infos)
     if plan.original_params != original:
         raise PlanError(f"plan.original_params={plan.original_params} but this model has {original}.")

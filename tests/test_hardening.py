@@ -178,6 +178,20 @@ def test_groups_never_mix_dtypes_and_budgets_stay_exact(name, strategy):
 
 
 @pytest.mark.filterwarnings("ignore:Complex modules")
+def test_a_plan_whose_group_mixes_dtypes_is_refused():
+    model = _Mixed((torch.float32, torch.float64))
+    data = json.loads(npas_fx.plan_of(npas_fx.compile(model, 0.6, strategy="single")).to_json())
+    assert len(data["groups"]) == 2  # split by dtype
+    merged = {"index": 0, "layers": [x["name"] for x in data["layers"]], "overhead": 0}
+    merged["bank_size"] = sum(g["bank_size"] for g in data["groups"])
+    data["groups"] = [merged]
+    for layer in data["layers"]:
+        layer.update(group=0, offset=0)
+    with pytest.raises(PlanError, match=r"plan\.groups\[0\]\.layers=.* mix torch\.float32 on cpu and torch\.float64"):
+        npas_fx.compile(model, plan=Plan.from_dict(data))
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
 @pytest.mark.parametrize("budget", [0.3, 1.0, 3.0])
 def test_complex_banks_start_with_both_parts(budget):
     torch.manual_seed(0)
