@@ -6,7 +6,7 @@ built, and every error names the field (``plan.layers[3].offset=...``) and the v
 * :func:`check_plan` (run by ``Plan.__post_init__``): types, ranges, group membership, unique
   names, each generator's window inside its bank, and ``banks + overhead + kept == budget``.
 * :func:`check_plan_fits` (run by ``npas_fx.compile(model, plan=...)``): the kept parameters
-  exist in the model with their sizes, and the banks and generators the plan describes build and
+  exist in the model with their sizes, no group mixes dtypes or devices, and the banks and generators the plan describes build and
   produce each layer's shape with exactly the parameters the plan counts (built on the ``meta``
   device: no memory, no values).
 
