@@ -21,7 +21,15 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["GeneratorConfig", "Allocation", "resolve_budget", "allocate", "minimum_budget", "split_exact"]
+__all__ = [
+    "GeneratorConfig",
+    "Allocation",
+    "parse_budget_text",
+    "resolve_budget",
+    "allocate",
+    "minimum_budget",
+    "split_exact",
+]
 
 DOWNSAMPLERS = ("wavg", "emb")
 UPSAMPLERS = ("repeat", "interpolate", "mask", "hash")
@@ -71,16 +79,38 @@ class GeneratorConfig:
         return asdict(self)
 
 
+def parse_budget_text(text: str) -> int | float:
+    """``"5000"`` -> 5000 parameters; ``"0.1"`` or ``"10%"`` -> 0.1 (a multiple of the model's count).
+
+    Example:
+        >>> parse_budget_text("10%"), parse_budget_text("0.5"), parse_budget_text("1_000")
+        (0.1, 0.5, 1000)
+    """
+    value = text.strip().replace("_", "")
+    try:
+        if value.endswith("%"):
+            return float(value[:-1]) / 100
+        return int(value) if value.isdigit() else float(value)
+    except ValueError:
+        raise ValueError(
+            f"`budget` {text!r} is not a budget: give a parameter count (5000), a multiple of the model's "
+            "parameters (0.1 = 10 %, 2.0 = twice) or a percentage ('10%')."
+        ) from None
+
+
 def resolve_budget(budget: object, original: int) -> int:
     """Turn a user budget into an exact parameter count.
 
     An ``int`` is taken as is; a ``float`` is a multiple of ``original`` rounded to the nearest
-    integer (``0.1`` = 10 %, ``4.0`` = 4x).
+    integer (``0.1`` = 10 %, ``4.0`` = 4x); a ``str`` is read as the command line reads it
+    (``"10%"``, ``"0.1"``, ``"5000"``).
 
     Example:
-        >>> resolve_budget(0.25, 1000), resolve_budget(123, 1000)
-        (250, 123)
+        >>> resolve_budget(0.25, 1000), resolve_budget(123, 1000), resolve_budget("10%", 1000)
+        (250, 123, 100)
     """
+    if isinstance(budget, str):
+        budget = parse_budget_text(budget)
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(
             f"`budget` should be an int (a parameter count) or a float (a multiple of the model's "

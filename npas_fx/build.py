@@ -36,10 +36,12 @@ from .passes.collect_params import ParamInfo, collect_params
 from .passes.insert_generators import GeneratorCall, insert_generators
 from .passes.trace import TraceResult
 from .plan import GroupPlan, KeptParam, LayerPlan, OpaqueModule, Plan
+from .plan_checks import check_plan_fits
 from .runtime import attach_runtime
-from .shared_params import SharedParameters, target_std
+from .shared_params import SharedParameters, target_std, wide_std
 from .strategies import STRATEGIES, Grouping, StrategyContext
 from .superweights import plan_superweights
+from .validation import split_mixed_groups
 
 __all__ = ["BuildSettings", "build", "count_parameters", "PLAN_KEY", "SHARED_NAME"]
 
@@ -91,6 +93,8 @@ def _kept_reason(info: ParamInfo, is_kept: Any) -> str | None:
         return "keep"
     if not info.reads:
         return "unused"
+    if info.numel == 0:
+        return "empty"  # costs nothing and has nothing to generate
     if len(info.shape) >= 2:
         return None
     if "Norm" in info.module_type:
@@ -225,7 +229,7 @@ def _initialise(
     for i, layer in enumerate(layers):
         gain = 1.0
         if not layer.copied:
-            produced = float(shared.generate(i).double().std()) if layer.numel > 1 else 0.0
+            produced = wide_std(shared.generate(i)) if layer.numel > 1 else 0.0
             gain = target_std(originals[i]) / produced if produced > 0 and math.isfinite(produced) else 1.0
         shared.generators[f"l{i}"].gain = gain
         result.append(replace(layer, gain=gain))
@@ -281,7 +285,8 @@ def _new_plan(traced: TraceResult, selection: _Selection, target: int, settings:
         generator_config=settings.config,
         trace=traced,
     )
-    grouping = STRATEGIES[settings.strategy](context)
+    # Banks never mix dtypes or devices: every strategy's groups are split by them.
+    grouping = split_mixed_groups(STRATEGIES[settings.strategy](context), [(p.dtype, p.device) for p in generated])
     _check_grouping(grouping, len(generated), settings.strategy)
     layers, groups = _plan_layers(generated, grouping, kept_count, target, settings.config, settings.copy_weights)
     return Plan(
@@ -312,6 +317,7 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
         )
     if settings.plan is not None:
         generated = _match_plan(settings.plan, selection.infos)
+        check_plan_fits(settings.plan, selection.infos)
         plan = replace(settings.plan, traced=tuple(traced.traced))
     else:
         generated = selection.generated
@@ -321,6 +327,7 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
         torch.manual_seed(settings.seed)
         shared = SharedParameters(plan.layers, plan.groups, settings.config.embedding_dim, settings.config.normalize)
         _place(shared, list(plan.layers), generated)
+        shared.init_complex_banks()
         layers = _initialise(shared, list(plan.layers), originals, calibrate=settings.plan is None)
     plan = replace(plan, layers=tuple(layers))
     del originals  # the dense weights go with the rewrite below

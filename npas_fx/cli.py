@@ -5,6 +5,7 @@
     npas-fx plan examples.models:small_cnn --budget 0.1 --input-shape 1,3,32,32 --out plan.json --draw plan.svg
     npas-fx show plan.json
     npas-fx draw plan.json -o plan.svg
+    npas-fx plan mymodels:net --budget 10% --strategy swn --data mymodels:batches --loss cross_entropy
 
 A saved plan is re-applied in Python, without searching again::
 
@@ -26,11 +27,11 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "parse_budget", "parse_shape", "load_model", "UsageError"]
+__all__ = ["main", "build_parser", "parse_budget", "parse_shape", "load_model", "load_data", "load_loss", "UsageError"]
 
 EXAMPLES = """\
 examples:
@@ -50,19 +51,12 @@ class UsageError(Exception):
 # ---- argument types ------------------------------------------------------------------------------
 def parse_budget(text: str) -> int | float:
     """``"5000"`` -> 5000 parameters; ``"0.1"`` or ``"10%"`` -> 0.1 (a multiple of the model's count)."""
-    value = text.strip().replace("_", "")
+    from .budget import parse_budget_text  # the same reading as npas_fx.compile(model, "10%")
+
     try:
-        if value.endswith("%"):
-            number: int | float = float(value[:-1]) / 100
-        elif value.isdigit():
-            number = int(value)
-        else:
-            number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a budget: give a parameter count (5000), a multiple of the model's "
-            "parameters (0.1 = 10 %, 2.0 = twice) or a percentage (10%)"
-        ) from None
+        number = parse_budget_text(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("`budget` ")) from None
     if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"the budget should be positive and finite, got {text!r}")
     return number
@@ -116,18 +110,8 @@ def _import(module_name: str) -> Any:
         ) from error
 
 
-def load_model(spec: str) -> Any:
-    """The ``nn.Module`` named by ``MODULE:CALLABLE`` (the callable is called with no arguments).
-
-    ``MODULE`` is a dotted module path importable from the current directory or a ``.py`` file;
-    ``CALLABLE`` a function or class returning a module, or a module instance.
-
-    Example:
-        >>> type(load_model("torch.nn:Identity")).__name__
-        'Identity'
-    """
-    from torch import nn
-
+def _resolve(spec: str) -> Any:
+    """The object named by ``MODULE:ATTRIBUTE`` (not called)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise UsageError(f"expected MODULE:CALLABLE such as examples.models:small_cnn, got {spec!r}.")
@@ -149,6 +133,22 @@ def load_model(spec: str) -> Any:
                 f"{module_name!r} has no {attribute!r}; it defines: {', '.join(names) or 'nothing callable'}."
             )
         target = getattr(target, part)
+    return target
+
+
+def load_model(spec: str) -> Any:
+    """The ``nn.Module`` named by ``MODULE:CALLABLE`` (the callable is called with no arguments).
+
+    ``MODULE`` is a dotted module path importable from the current directory or a ``.py`` file;
+    ``CALLABLE`` a function or class returning a module, or a module instance.
+
+    Example:
+        >>> type(load_model("torch.nn:Identity")).__name__
+        'Identity'
+    """
+    from torch import nn
+
+    target = _resolve(spec)
     if isinstance(target, nn.Module):
         return target
     if not callable(target):
@@ -162,6 +162,41 @@ def load_model(spec: str) -> Any:
     return model
 
 
+def load_data(spec: str) -> Any:
+    """The batches of ``--data MODULE:CALLABLE``: the callable is called with no arguments and
+    returns an iterable of batches (see :mod:`npas_fx.search.pretrain` for the batch convention)."""
+    target = _resolve(spec)
+    try:
+        data = target() if callable(target) else target
+    except Exception as error:  # the user's data function failed
+        raise UsageError(f"calling {spec}() failed: {type(error).__name__}: {error}") from error
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise UsageError(f"--data {spec} gave a {type(data).__name__}; it should return an iterable of batches.")
+    return data
+
+
+def load_loss(spec: str) -> Any:
+    """``--loss``: ``MODULE:CALLABLE`` (a loss function) or a name in ``torch.nn.functional``.
+
+    Example:
+        >>> load_loss("cross_entropy").__name__
+        'cross_entropy'
+    """
+    import torch.nn.functional as F
+
+    if ":" not in spec:
+        loss = getattr(F, spec, None)
+        if not callable(loss):
+            raise UsageError(
+                f"--loss {spec!r} is no function of torch.nn.functional; give e.g. cross_entropy or MODULE:CALLABLE."
+            )
+        return loss
+    loss = _resolve(spec)
+    if not callable(loss):
+        raise UsageError(f"--loss {spec} is a {type(loss).__name__}, not a callable loss_fn(output, target).")
+    return loss
+
+
 # ---- commands ------------------------------------------------------------------------------------
 def _check_writable(paths: Sequence[Path]) -> None:
     for path in paths:
@@ -172,6 +207,27 @@ def _check_writable(paths: Sequence[Path]) -> None:
 def _draw_options(args: argparse.Namespace) -> dict[str, Any]:
     collapse = {"auto": None, "yes": True, "no": False}[args.collapse]
     return {"collapse": collapse, "max_layers": args.max_layers, "similarity_threshold": args.similarity_threshold}
+
+
+def _search_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``data``/``loss_fn``/``search_steps`` for a learned strategy (which cannot run without data)."""
+    from .validation import LEARNED
+
+    search = {"data": args.data, "loss": args.loss, "search_steps": args.search_steps}
+    given = [f"--{k.replace('_', '-')}" for k, v in search.items() if v is not None]
+    if args.strategy not in LEARNED:
+        if given:
+            raise UsageError(f"{', '.join(given)} only serve the learned strategies (ssn, swn), not {args.strategy!r}.")
+        return {}
+    if args.data is None:
+        raise UsageError(
+            f"--strategy {args.strategy} learns from data: pass --data MODULE:CALLABLE (returns an iterable of "
+            "(inputs, target) batches) and --loss (a torch.nn.functional name such as cross_entropy, or MODULE:CALLABLE)."
+        )
+    out: dict[str, Any] = {"data": load_data(args.data), "search_steps": args.search_steps}
+    if args.loss is not None:
+        out["loss_fn"] = load_loss(args.loss)
+    return out
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -196,6 +252,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         generators=generators,
         keep=args.keep,
         num_groups=args.num_groups,
+        **_search_arguments(args),
     )
     plan = npas_fx.plan_of(gm)
     print(plan.summary())
@@ -345,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--num-groups", type=int, metavar="K", help="number of groups (random and learned strategies)")
     plan.add_argument("--keep", metavar="REGEX", help="keep the parameters whose name fully matches REGEX dense")
+    plan.add_argument(
+        "--data",
+        metavar="MODULE:CALLABLE",
+        help="ssn/swn: a function returning an iterable of (inputs, target) batches for the search",
+    )
+    plan.add_argument(
+        "--loss",
+        metavar="NAME|MODULE:CALLABLE",
+        help="ssn/swn: loss_fn(output, target): a torch.nn.functional name (cross_entropy) or MODULE:CALLABLE",
+    )
+    plan.add_argument("--search-steps", type=int, metavar="N", help="ssn/swn: pre-training steps of the search")
     defaults = GeneratorConfig()
     plan.add_argument("--downsample", choices=DOWNSAMPLERS, default=defaults.downsample, help="generator of big banks")
     plan.add_argument("--upsample", choices=UPSAMPLERS, default=defaults.upsample, help="generator of small banks")

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from .build import PLAN_KEY, SHARED_NAME, BuildSettings, build, count_parameters
 from .passes.run_example import ModuleRunError, run_example
 from .passes.trace import trace
 from .plan import Plan
-from .strategies import STRATEGIES
+from .validation import check_arguments, check_budget_size, check_model
 
 __all__ = ["compile", "plan_of", "count_parameters"]
 
@@ -44,30 +43,14 @@ def plan_of(gm: nn.Module) -> Plan:
     return plan
 
 
-# ---- validation ---------------------------------------------------------------------------------
-def _validate_arguments(model: Any, budget: Any, plan: Any, strategy: Any, seed: Any, generators: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` should be a torch.nn.Module, got {type(model).__name__}.")
-    if plan is None and budget is None:
-        raise TypeError("give a `budget` (int count or float multiple) or a saved `plan=`.")
-    if plan is not None and not isinstance(plan, Plan):
-        raise TypeError(f"`plan` should be an npas_fx.Plan (see Plan.from_json), got {type(plan).__name__}.")
-    if plan is None and strategy not in STRATEGIES:
-        raise ValueError(f"unknown `strategy` {strategy!r}; available: {sorted(STRATEGIES)}.")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"`seed` should be an int, got {type(seed).__name__} {seed!r}.")
-    if generators is not None and not isinstance(generators, GeneratorConfig):
-        raise TypeError(f"`generators` should be an npas_fx.GeneratorConfig, got {type(generators).__name__}.")
-
-
-# ---- building -----------------------------------------------------------------------------------
+# ---- validation (argument checks live in npas_fx.validation) ------------------------------------
 def _check_runs(gm: fx.GraphModule, model: nn.Module, example_inputs: Any, prefix: str, generated: list[str]) -> None:
     """Run ``gm`` once on the example; a module that fails with generated parameters is named."""
     try:
         run_example(gm, example_inputs, training=None)
     except ModuleRunError as error:
         try:
-            run_example(model, example_inputs, training=None)
+            run_example(copy.deepcopy(model), example_inputs, training=None)  # a forward may edit its weights
         except ModuleRunError as original:
             raise ValueError(
                 f"{type(model).__name__} itself fails on `example_inputs`: {original}. Give inputs the model "
@@ -99,6 +82,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     loss_fn: Any = None,
     options: Mapping[str, Any] | None = None,
     search_steps: int | None = None,
+    allow_large_budget: bool = False,
 ) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with exactly ``budget`` trainable parameters.
 
@@ -125,6 +109,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options: strategy-specific options.
         search_steps: optimiser steps of a learned strategy's short pre-training (see
             :mod:`npas_fx.search`; the batch convention is in :mod:`npas_fx.search.pretrain`).
+        allow_large_budget: allow a budget over 1000x the model's parameter count (refused by
+            default: such a budget is almost always a typo, and its banks may not fit in memory).
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`plan_of` gives its plan.
@@ -136,11 +122,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         >>> torch.equal(gm(torch.ones(1, 10)), model(torch.ones(1, 10)))
         True
     """
-    _validate_arguments(model, budget, plan, strategy, seed, generators)
-    if search_steps is not None and (
-        isinstance(search_steps, bool) or not isinstance(search_steps, numbers.Integral) or search_steps < 1
-    ):
-        raise ValueError(f"`search_steps` should be a positive int, got {search_steps!r}.")
+    check_arguments(**locals())  # every argument, before anything is built
+    check_model(model)
     original = count_parameters(model)
     if original == 0:
         raise ValueError(
@@ -156,6 +139,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     else:
         config = generators or GeneratorConfig()
         target = resolve_budget(budget, original)
+    check_budget_size(target, original, allow_large_budget)
 
     work = copy.deepcopy(model)
     # A saved plan re-applies to the same leaves (its parameter names depend on them).

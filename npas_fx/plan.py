@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from .plan_checks import PlanError, check_plan, check_plan_dict
 
 __all__ = ["LayerPlan", "GroupPlan", "KeptParam", "OpaqueModule", "Plan", "PLAN_FORMAT"]
 
@@ -99,9 +102,25 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _load(cls: type, data: dict) -> Any:
+def _load(cls: type, data: dict, where: str) -> Any:
     names = {f.name for f in fields(cls)}
-    return cls(**{k: _as_tuples(v) for k, v in data.items() if k in names})
+    try:
+        return cls(**{k: _as_tuples(v) for k, v in data.items() if k in names})
+    except TypeError as error:  # a required field is missing
+        raise PlanError(
+            f"{where} is incomplete ({error}); the plan file is corrupted: re-plan with a budget."
+        ) from None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @dataclass
@@ -131,6 +150,9 @@ class Plan:
     provenance: dict = field(default_factory=dict)
     traced: tuple[str, ...] = ()
     format: int = PLAN_FORMAT
+
+    def __post_init__(self) -> None:
+        check_plan(self)  # every field named in the error; see npas_fx.plan_checks
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -203,17 +225,19 @@ class Plan:
             names = [known.get(n) for n in record["layers"]]
             for i, a in enumerate(names):
                 for j, b in enumerate(names):
-                    if a is not None and b is not None and a != b:
-                        graph.add_edge(a, b, kind="similarity", weight=float(record["matrix"][i][j]))
+                    score = record["matrix"][i][j]
+                    if a is not None and b is not None and a != b and score is not None:  # None: other bins
+                        graph.add_edge(a, b, kind="similarity", weight=float(score))
         return graph
 
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_json(self, path: str | None = None, indent: int = 1) -> str:
-        """JSON text of the plan; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 1) -> str:
+        """JSON text of the plan (strict JSON: a NaN in the provenance is written as null);
+        also written to ``path`` when given."""
+        text = json.dumps(_finite(self.to_dict()), indent=indent, sort_keys=False, allow_nan=False)
         if path is not None:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text + "\n")
@@ -221,23 +245,31 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
-        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+        """A plan from :meth:`to_dict`'s output; checked completely (:mod:`npas_fx.plan_checks`)."""
+        if isinstance(data, dict) and data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise ValueError(f"plan format {data.get('format')} is not supported (this npas_fx reads {PLAN_FORMAT}).")
+        check_plan_dict(data)
         data = dict(data)
-        data["layers"] = tuple(_load(LayerPlan, x) for x in data.get("layers", ()))
-        data["groups"] = tuple(_load(GroupPlan, x) for x in data.get("groups", ()))
-        data["kept"] = tuple(_load(KeptParam, x) for x in data.get("kept", ()))
-        data["opaque"] = tuple(_load(OpaqueModule, x) for x in data.get("opaque", ()))
-        return _load(cls, data)
+        for key, kind in (("layers", LayerPlan), ("groups", GroupPlan), ("kept", KeptParam), ("opaque", OpaqueModule)):
+            data[key] = tuple(_load(kind, x, f"plan.{key}[{i}]") for i, x in enumerate(data.get(key, ())))
+        return _load(cls, data, "plan")
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> Plan:
-        """Read a plan from JSON text or from a file path."""
+    def from_json(cls, text_or_path: str | os.PathLike) -> Plan:
+        """Read a plan from JSON text, or from a file given as a ``str`` or ``pathlib.Path``."""
+        is_text = isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "[")
+        if not is_text and not isinstance(text_or_path, (str, os.PathLike)):
+            raise TypeError(f"Plan.from_json takes JSON text or a file path, got {type(text_or_path).__name__}.")
         text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+        if not is_text:
             with open(text_or_path, encoding="utf-8") as handle:
                 text = handle.read()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            where = "the JSON text" if is_text else f"plan file {os.fspath(text_or_path)!r}"
+            raise PlanError(f"{where} is not valid JSON ({error}).") from None
+        return cls.from_dict(data)
 
     # ---- display -----------------------------------------------------------------------------
     def summary(self) -> str:
@@ -256,7 +288,8 @@ class Plan:
         for g in self.groups:
             members = sum(self.layer(n).numel for n in g.layers)
             out.append(
-                f"g{g.index}: bank {g.bank_size:,} for {len(g.layers)} layer(s) of {members:,} weights "
+                f"g{g.index}: bank {g.bank_size:,} for {len(g.layers)} layer{'s' * (len(g.layers) != 1)}, "
+                f"{members:,} weights in all "
                 f"(x{g.bank_size / members:.3g})"
             )
         acc = self.accounting()

@@ -27,7 +27,7 @@ from .plan import GroupPlan, LayerPlan
 from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
 
-__all__ = ["GroupBank", "SharedParameters", "make_generator"]
+__all__ = ["GroupBank", "SharedParameters", "make_generator", "target_std", "wide_std"]
 
 
 class GroupBank(nn.Module):
@@ -110,6 +110,17 @@ class SharedParameters(nn.Module):
         names = self.groups[f"g{self.layer_groups[index]}"].inputs(self.generators[f"l{index}"])
         return tuple(f"{prefix}{group}.{n}" for n in names)
 
+    @torch.no_grad()
+    def init_complex_banks(self) -> None:
+        """Draw the imaginary part of complex banks too (a real draw cast to complex has none).
+
+        Real and imaginary parts are each ``N(0, 1/2)``, so ``|z|`` has unit variance as in
+        ``torch.randn(dtype=torch.cfloat)``; called after the banks are placed on their dtype.
+        """
+        for bank in self.groups.values():
+            if bank.bank.is_complex():
+                bank.bank.copy_(torch.randn(bank.bank.shape, dtype=bank.bank.dtype, device=bank.bank.device))
+
     def generate(self, index: int) -> Tensor:
         """Layer ``index``'s weight, computed outside any graph (for init and inspection)."""
         bank = self.groups[f"g{self.layer_groups[index]}"]
@@ -117,10 +128,21 @@ class SharedParameters(nn.Module):
         return self.generators[f"l{index}"](*tensors)
 
 
+def wide_std(tensor: Tensor) -> float:
+    """Standard deviation in double precision; a complex tensor's counts its imaginary part too.
+
+    Example:
+        >>> wide_std(torch.tensor([1j, -1j]))
+        1.4142135623730951
+    """
+    wide = torch.complex128 if tensor.is_complex() else torch.float64  # .double() drops imaginary parts
+    return float(tensor.detach().to(wide).std())
+
+
 def target_std(weight: Tensor) -> float:
     """Scale a generated weight should start at: the original's std, else ``1/sqrt(fan_in)``."""
     if weight.numel() > 1:
-        std = float(weight.detach().double().std())
+        std = wide_std(weight)
         if math.isfinite(std) and std > 0:
             return std
     fan_in = max(1, weight.numel() // max(1, weight.shape[0] if weight.dim() else 1))

@@ -47,7 +47,7 @@ def test_resolve_budget_counts_and_multiples(budget, original, expected):
     [
         (True, TypeError, ["bool", "int", "float"]),
         (False, TypeError, ["bool"]),
-        ("10", TypeError, ["str", "'10'"]),
+        ("ten", ValueError, ["'ten'", "'10%'"]),  # strings are read as the CLI reads them ("10%", "0.1", "5000")
         (None, TypeError, ["NoneType"]),
         (torch.tensor(3), TypeError, ["Tensor"]),
         (math.nan, ValueError, ["finite", "nan"]),

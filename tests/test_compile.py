@@ -365,7 +365,7 @@ def _raises_untouched(model: nn.Module, error: type[Exception], words: list[str]
         (math.nan, ValueError, ["finite", "nan"]),
         (math.inf, ValueError, ["finite", "inf"]),
         (True, TypeError, ["budget", "bool"]),
-        ("10", TypeError, ["budget", "str", "'10'"]),
+        ("ten", ValueError, ["budget", "'ten'", "'10%'"]),
         (None, TypeError, ["budget", "plan"]),
         ([10], TypeError, ["budget", "list"]),
     ],

@@ -207,7 +207,7 @@ def test_batch_convention_errors_are_actionable():
         next(cycle_batches([]))
     one_shot = cycle_batches(iter([1, 2]))  # an iterator is replayed, not exhausted
     assert [next(one_shot) for _ in range(5)] == [1, 2, 1, 2, 1]
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['nope'\]"):
+    with pytest.raises(ValueError, match=r"unknown `options` \['nope'\] for strategy 'swn'"):
         _search("mlp", "swn", 0.5, options={"nope": 1})
     with pytest.raises(ValueError, match="search_steps"):
         npas_fx.compile(_mlp(), 0.5, strategy="swn", data=_batches((6,)), loss_fn=F.cross_entropy, search_steps=0)

@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Mapping
@@ -154,6 +155,48 @@ def _mirror_call(graph: fx.Graph, module: fx.Node, signature: inspect.Signature 
     return graph.call_function(call_with_parameters, (module, {}, args, named, extra))
 
 
+def _mark_non_persistent(gm: nn.Module, names: tuple[tuple[str, str], ...]) -> None:
+    for path, name in names:
+        try:
+            owner = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if name in owner._buffers:
+            owner._non_persistent_buffers_set.add(name)
+
+
+def _restore_non_persistent(gm: fx.GraphModule, root: nn.Module) -> None:
+    # A GraphModule registers the buffers its graph reads (get_attr) as persistent, again on every
+    # deepcopy; a buffer the model keeps out of its state_dict must stay out of the compiled one's.
+    names = tuple((path, name) for path, module in root.named_modules() for name in module._non_persistent_buffers_set)
+    if names:
+        _mark_non_persistent(gm, names)
+        gm._register_deepcopy_hook(functools.partial(_mark_non_persistent, names=names))
+
+
+def root_hooks(root: nn.Module) -> list[str]:
+    """Kinds of hooks registered on ``root`` itself (tracing calls ``root.forward``, skipping them).
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 2)
+        >>> _ = m.register_forward_pre_hook(lambda module, args: None)
+        >>> root_hooks(m)
+        ['forward pre-hook']
+    """
+    kinds = {
+        "_forward_pre_hooks": "forward pre-hook",
+        "_forward_hooks": "forward hook",
+        "_backward_pre_hooks": "backward pre-hook",
+        "_backward_hooks": "backward hook",
+        "_state_dict_pre_hooks": "state_dict pre-hook",
+        "_state_dict_hooks": "state_dict hook",
+        "_load_state_dict_pre_hooks": "load_state_dict pre-hook",
+        "_load_state_dict_post_hooks": "load_state_dict post-hook",
+    }
+    return [label for attr, label in kinds.items() if getattr(root, attr, None)]
+
+
 def root_as_leaf(root: nn.Module) -> fx.GraphModule:
     """A GraphModule that runs ``root`` (kept at ``gm.model``) as one node; see the module doc.
 
@@ -237,6 +280,7 @@ def _build(
         _restore_argument_names(graph, concrete_args)
     gm = fx.GraphModule(search.root, graph, type(root).__name__)
     _attach_unused_modules(gm, root)
+    _restore_non_persistent(gm, root)
     gm.training = root.training
     return gm
 
@@ -281,6 +325,9 @@ def trace(
     """
     _check_example_inputs(example_inputs)
     named = {path: "named opaque" for path in opaque}
+    if (hooks := root_hooks(root)) and "" not in named:
+        # A traced graph is a new root without the model's hooks; run as a leaf, the root keeps them.
+        named[""] = f"the root has hooks ({', '.join(hooks)})"
     failures: list[str] = []
     expected: list[Any] = []  # the model's own output, computed once when first needed
     if "" not in named:
@@ -298,7 +345,7 @@ def trace(
             return TraceResult(gm, search.opaque, search.traced, dict(concrete or {}), root)
     # The unspecialised trace's error is torch.fx's own; a graph that disagreed is worth adding.
     why = "; ".join(dict.fromkeys(failures[:1] + [f for f in failures if f.startswith("the traced graph")]))
-    why = why or "named opaque"
+    why = why or named.get("", "named opaque")
     if not fallback:
         raise RuntimeError(
             f"torch.fx could not trace {type(root).__name__}: {why}. "

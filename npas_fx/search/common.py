@@ -26,7 +26,7 @@ from ..build import BuildSettings, build
 from ..compiler import plan_of
 from ..passes.trace import TraceResult
 from ..strategies import StrategyContext
-from .pretrain import LossFn, batch_loss
+from .pretrain import LossFn, batch_loss, check_finite
 
 __all__ = ["SearchOptions", "compile_search_model", "weight_gradients"]
 
@@ -152,9 +152,10 @@ def weight_gradients(
 
     handles = [generators[f"l{i}"].register_forward_hook(capture(i)) for i in range(count)]
     try:
-        for _ in range(num_batches):
+        for batch in range(num_batches):
             outputs[:] = [None] * count
             loss = batch_loss(gm, next(batches), loss_fn)
+            check_finite(float(loss.detach()), f"gradient batch {batch + 1} of {num_batches}")
             present = [i for i in range(count) if outputs[i] is not None and outputs[i].requires_grad]
             grads = torch.autograd.grad(loss, [outputs[i] for i in present], allow_unused=True)
             for i, grad in zip(present, grads, strict=True):
@@ -165,5 +166,8 @@ def weight_gradients(
     finally:
         for handle in handles:
             handle.remove()
+    for i, total in enumerate(sums):
+        if total is not None and not bool(torch.isfinite(total).all()):
+            check_finite(float("nan"), f"the gradient of generated layer {i} (summed over {num_batches} batches)")
     shapes = [generators[f"l{i}"].shape for i in range(count)]
     return [s if s is not None else torch.zeros(shape) for s, shape in zip(sums, shapes, strict=True)]

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,7 +31,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["require_data", "batch_loss", "cycle_batches", "pretrain", "progress_bar", "DEFAULT_SEARCH_STEPS"]
+__all__ = [
+    "require_data",
+    "batch_loss",
+    "check_finite",
+    "cycle_batches",
+    "pretrain",
+    "progress_bar",
+    "DEFAULT_SEARCH_STEPS",
+]
 
 # SSN pre-trains for about 10-15 % of a full run before clustering; without knowing the run, 100
 # optimiser steps is that share of a few thousand, and cheap on small models.
@@ -99,6 +108,25 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
     return loss
 
 
+def check_finite(value: float, what: str, lr: float | None = None) -> None:
+    """Raise a ``ValueError`` naming ``what`` (the search step) when ``value`` is NaN or infinite.
+
+    Example:
+        >>> try:
+        ...     check_finite(float("nan"), "pre-training step 3 of 10", lr=0.1)
+        ... except ValueError as error:
+        ...     print(str(error)[:60])
+        the search's loss is nan at pre-training step 3 of 10; the s
+    """
+    if math.isfinite(value):
+        return
+    rate = f" (now {lr:g})" if lr is not None else ""
+    raise ValueError(
+        f"the search's loss is {value} at {what}; the search cannot group layers from it. Pass a lower "
+        f"learning rate, options={{'lr': ...}}{rate}, or check that `data` and `loss_fn` give finite losses."
+    )
+
+
 def cycle_batches(data: Iterable) -> Iterator[Any]:
     """Batches of ``data`` forever: an iterable is iterated again, a one-shot iterator is replayed."""
     seen: list[Any] = []
@@ -139,8 +167,9 @@ def pretrain(
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in range(steps):
+        for step in range(steps):
             loss = batch_loss(model, next(batches), loss_fn)
+            check_finite(float(loss.detach()), f"pre-training step {step + 1} of {steps}", lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

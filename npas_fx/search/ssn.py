@@ -35,7 +35,7 @@ from ..budget import GeneratorConfig, minimum_budget
 from ..compiler import plan_of
 from ..strategies import Grouping, StrategyContext, register_strategy
 from .common import SearchOptions, compile_search_model
-from .pretrain import DEFAULT_SEARCH_STEPS, cycle_batches, pretrain, progress_bar, require_data
+from .pretrain import DEFAULT_SEARCH_STEPS, check_finite, cycle_batches, pretrain, progress_bar, require_data
 
 __all__ = ["ssn_search_budget", "share_by_coefficient_clusters"]
 
@@ -110,6 +110,8 @@ def share_by_coefficient_clusters(ctx: StrategyContext) -> Grouping:
                 for i in index
             ]
         )
+    if not np.isfinite(vectors).all():
+        check_finite(float("nan"), f"the learned coefficients after {steps} pre-training steps", opts.lr)
     groups = _cluster(vectors, k, ctx.seed)
     provenance = {
         "search": "ssn",
