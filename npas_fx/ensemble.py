@@ -285,7 +285,7 @@ def compile_ensemble(
     )
     if isinstance(getattr(gm, "model", None), _Members):
         gm.model.__class__ = _Members  # the root runs as a leaf: keep a class pickle can find
-    current = getattr(gm, PLAN_KEY)
+    current = compiler.plan_of(gm)
     record = _record(members, chosen, flops, saved)
     result = replace(current, provenance={**current.provenance, ENSEMBLE_KEY: record})
     _attach(gm, result)
@@ -304,7 +304,7 @@ class SharedEnsemble(nn.Module):
     def __init__(self, compiled: fx.GraphModule) -> None:
         super().__init__()
         self.compiled = compiled
-        plan = getattr(compiled, PLAN_KEY)
+        plan = compiler.plan_of(compiled)
         setattr(self, PLAN_KEY, plan)  # npas_fx.plan_of(ensemble)
         record = plan.provenance[ENSEMBLE_KEY]
         self.order: tuple[int, ...] = tuple(record["order"])
@@ -427,6 +427,6 @@ def _member_view(gm: fx.GraphModule, index: int) -> nn.Module:
     graph.lint()
     graph._tracer_cls = gm._tracer_cls  # unpickling re-traces the view with npas_fx's tracer
     view = fx.GraphModule(gm, graph, f"{type(gm).__name__}Member{index}")
-    view.meta[PLAN_KEY] = getattr(gm, PLAN_KEY)
-    setattr(view, PLAN_KEY, getattr(gm, PLAN_KEY))
+    view.meta[PLAN_KEY] = compiler.plan_of(gm)
+    setattr(view, PLAN_KEY, compiler.plan_of(gm))
     return view
