@@ -307,9 +307,13 @@ def _legend(plan: Plan, colours: dict[int, str], threshold: float, shown_similar
         rows.append(cells(f"g{g.index}", bank, str(len(g.layers)), f"{weights:,}", share, bg=colours.get(g.index)))
     if len(plan.groups) > _LEGEND_GROUP_ROWS:
         rows.append(wide(f"... and {len(plan.groups) - _LEGEND_GROUP_ROWS} more groups"))
-    for index, kind in _members(plan):
-        fill = _MEMBER_FILLS[index % len(_MEMBER_FILLS)]
-        rows.append(cells(f"member {index}", esc(kind), "layer fill", "", "", bg=fill))
+    if _members(plan):
+        from .ensemble import member_of  # late: ensemble imports the compiler
+
+        owners = Counter(member_of(x.name) for x in plan.layers)
+        for index, kind in _members(plan):
+            fill = _MEMBER_FILLS[index % len(_MEMBER_FILLS)]
+            rows.append(cells(f"member {index} (layer fill)", esc(kind), str(owners[index]), "", "", bg=fill))
     for item in plan.opaque:
         rows.append(wide(f"opaque (run as one leaf): {esc(item.path or '<root>')}: {esc(item.reason)}"))
     rows.append(wide("grey arrows: execution order; double border: tied parameter; dashed: inside an opaque module"))

@@ -75,6 +75,13 @@ class _Members(nn.Module):
         return tuple(member(*args, **kwargs) for member in self.members)
 
 
+_RESERVED = frozenset({"self", "tuple", "member"})  # names the generated forward uses itself
+
+
+def _usable(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name) and name not in _RESERVED
+
+
 def _input_names(first: nn.Module, example_inputs: tuple | Mapping[str, Any] | None) -> tuple[list[str], bool] | None:
     """Argument names of the container's forward and whether members take them by keyword.
 
@@ -83,22 +90,18 @@ def _input_names(first: nn.Module, example_inputs: tuple | Mapping[str, Any] | N
     """
     if isinstance(example_inputs, Mapping):
         names = [str(k) for k in example_inputs]
-        ok = all(n.isidentifier() and not keyword.iskeyword(n) and n != "self" for n in names)
-        return (names, True) if ok and names else None
+        return (names, True) if names and all(_usable(n) for n in names) else None
     try:
         signature = inspect.signature(first.forward)
     except (TypeError, ValueError):
         return None
-    positional = [
-        p
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "members")
-    ]
+    positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     count = len(example_inputs) if example_inputs is not None else sum(p.default is p.empty for p in positional)
     if count == 0:
         return None
     names = [p.name for p in positional[:count]]
-    return (names if len(names) == count else [f"input_{i}" for i in range(count)]), False
+    usable = len(names) == count and all(_usable(n) for n in names)
+    return (names if usable else [f"input_{i}" for i in range(count)]), False
 
 
 def _container(models: Sequence[nn.Module], example_inputs: tuple | Mapping[str, Any] | None) -> nn.Module:
@@ -108,7 +111,7 @@ def _container(models: Sequence[nn.Module], example_inputs: tuple | Mapping[str,
         return _Members(models)
     names, by_keyword = found
     call = ", ".join(f"{n}={n}" if by_keyword else n for n in names)
-    source = f"def forward(self, {', '.join(names)}):\n    return tuple(m({call}) for m in self.members)\n"
+    source = f"def forward(self, {', '.join(names)}):\n    return tuple(member({call}) for member in self.members)\n"
     namespace: dict[str, Any] = {}
     exec(source, namespace)  # noqa: S102 - a fixed template over checked identifiers, as torch.fx does
     traced_class = type("_Members", (_Members,), {"forward": namespace["forward"], "__module__": __name__})

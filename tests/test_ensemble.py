@@ -184,6 +184,37 @@ def test_untraceable_member_is_an_opaque_leaf(ensembles):
     assert isinstance(ensembles("shape").member(0), torch.fx.GraphModule)
 
 
+class VarArgs(nn.Module):
+    """Takes ``*args``: the container gets no fixed signature, so it runs as one opaque leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.fc(args[0].flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("first", "example", "opaque_root"),
+    [(SmallCNN(4, 2), {"x": X}, False), (VarArgs(), None, True), (VarArgs(), (X,), False)],
+)
+def test_signatures_keywords_and_an_opaque_container(first, example, opaque_root):
+    models = [copy.deepcopy(first), SmallCNN(8, 2)]
+    ens = npas_fx.compile_ensemble(models, 0.5, strategy="shape", example_inputs=example).eval()
+    outputs = ens(**example) if isinstance(example, dict) else ens(X)
+    assert ("" in {o.path for o in npas_fx.plan_of(ens).opaque}) == opaque_root
+    for index in range(2):
+        view = ens.member(index)
+        assert isinstance(view, torch.fx.GraphModule) != opaque_root  # an opaque root cannot be split
+        got = view(**example) if isinstance(example, dict) else view(X)
+        torch.testing.assert_close(got, outputs[index], rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(ens, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False).predict(X), ens.predict(X), rtol=0, atol=0)
+
+
 # ---- prediction ---------------------------------------------------------------------------------
 def test_predict_averages_softmaxes_in_order(ensembles):
     ens = ensembles("superweight").eval()
