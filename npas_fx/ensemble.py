@@ -238,7 +238,7 @@ def compile_ensemble(
     models: Sequence[nn.Module],
     budget: int | float | None = None,
     *,
-    strategy: str = "superweight",
+    strategy: str = "single",
     example_inputs: tuple | Mapping[str, Any] | None = None,
     data: Any = None,
     loss_fn: Callable[..., Tensor] | None = None,
@@ -252,9 +252,10 @@ def compile_ensemble(
         models: distinct ``nn.Module`` s (any mix :func:`npas_fx.compile` accepts, untraceable ones
             included), all called with the same inputs; they are copied, never modified.
         budget: an ``int`` (exact count) or a ``float`` (multiple of the members' summed trainable count).
-        strategy: as in :func:`npas_fx.compile`; groups span members. ``"superweight"`` (default)
-            shares SuperWeights per bin across all members (best on the digits benchmark,
-            ``benchmarks/ensembles.py``).
+        strategy: as in :func:`npas_fx.compile`; groups span members. ``"single"`` (default): one
+            bank for every layer of every member, which gave the best anytime curve at the
+            budget of one member on digits (``benchmarks/ensembles.py``, docs/ensembles.md);
+            ``"superweight"`` is SWN's per-bin sharing, ``"shape"`` starves small members.
         example_inputs: inputs every member accepts (tuple or dict); they fix the ensemble's
             signature, check the result runs, and measure each member's FLOPs for the order.
         data, loss_fn: for learned strategies; ``loss_fn(output, target)`` is ONE member's loss,
