@@ -253,9 +253,9 @@ def compile_ensemble(
             included), all called with the same inputs; they are copied, never modified.
         budget: an ``int`` (exact count) or a ``float`` (multiple of the members' summed trainable count).
         strategy: as in :func:`npas_fx.compile`; groups span members. ``"single"`` (default): one
-            bank for every layer of every member, which gave the best anytime curve at the
-            budget of one member on digits (``benchmarks/ensembles.py``, docs/ensembles.md);
-            ``"superweight"`` is SWN's per-bin sharing, ``"shape"`` starves small members.
+            bank for every layer of every member; on digits (``benchmarks/ensembles.py``) it gave
+            the best anytime curve at the budget of one member. ``"superweight"`` (SWN's per-bin
+            sharing) was best at twice that budget; ``"shape"`` starved the small members at 1x.
         example_inputs: inputs every member accepts (tuple or dict); they fix the ensemble's
             signature, check the result runs, and measure each member's FLOPs for the order.
         data, loss_fn: for learned strategies; ``loss_fn(output, target)`` is ONE member's loss,
