@@ -12,6 +12,7 @@ from . import search  # noqa: F401 - importing it registers the learned strategi
 from .budget import GeneratorConfig
 from .compiler import compile, count_parameters, plan_of
 from .draw import draw_plan
+from .ensemble import SharedEnsemble, compile_ensemble
 from .materialize import materialize
 from .plan import Plan
 from .runtime import cached, clear_cache
@@ -20,6 +21,8 @@ from .strategies import STRATEGIES, register_strategy
 
 __all__ = [
     "compile",
+    "compile_ensemble",
+    "SharedEnsemble",
     "count_parameters",
     "plan_of",
     "Plan",

@@ -56,6 +56,8 @@ _PALETTE = (
     "#ccebc5",
     "#ffed6f",
 )
+# Layer fills per ensemble member (ColorBrewer "Pastel2"): a second, lighter scheme than the lanes'.
+_MEMBER_FILLS = ("#b3e2cd", "#fdcdac", "#cbd5e8", "#f4cae4", "#e6f5c9", "#fff2ae", "#f1e2cc", "#cccccc")
 # Similarity edges go from light orange (at the threshold) to dark red (at 1).
 _LOW, _HIGH = (0xFD, 0xBB, 0x84), (0xB3, 0x00, 0x00)
 _FONT = "Helvetica"
@@ -232,6 +234,24 @@ def _as_plan(plan_or_gm: Any) -> Plan:
     return plan_of(plan_or_gm)
 
 
+def _members(plan: Plan) -> list[tuple[int, str]]:
+    """``(index, type)`` of each member of an ensemble plan (``provenance["ensemble"]``), else []."""
+    record = plan.provenance.get("ensemble") if isinstance(plan.provenance, dict) else None
+    try:
+        return [(int(m["index"]), str(m["type"])) for m in record["members"]] if record else []
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def _member_fill(node: _Node, plan: Plan) -> str:
+    """The member colour of a layer node of an ensemble plan; white outside one or across members."""
+    from .ensemble import member_of  # late: ensemble imports the compiler
+
+    owners = {member_of(plan.layers[p].name) for p in node.members}
+    owner = owners.pop() if len(owners) == 1 else None
+    return "white" if owner is None or not _members(plan) else _MEMBER_FILLS[owner % len(_MEMBER_FILLS)]
+
+
 # ---- the picture ---------------------------------------------------------------------------------
 def _darker(colour: str, factor: float = 0.6) -> str:
     """A darker shade of ``#rrggbb`` for lines and borders (pastel lines vanish on white)."""
@@ -287,6 +307,13 @@ def _legend(plan: Plan, colours: dict[int, str], threshold: float, shown_similar
         rows.append(cells(f"g{g.index}", bank, str(len(g.layers)), f"{weights:,}", share, bg=colours.get(g.index)))
     if len(plan.groups) > _LEGEND_GROUP_ROWS:
         rows.append(wide(f"... and {len(plan.groups) - _LEGEND_GROUP_ROWS} more groups"))
+    if _members(plan):
+        from .ensemble import member_of  # late: ensemble imports the compiler
+
+        owners = Counter(member_of(x.name) for x in plan.layers)
+        for index, kind in _members(plan):
+            fill = _MEMBER_FILLS[index % len(_MEMBER_FILLS)]
+            rows.append(cells(f"member {index} (layer fill)", esc(kind), str(owners[index]), "", "", bg=fill))
     for item in plan.opaque:
         rows.append(wide(f"opaque (run as one leaf): {esc(item.path or '<root>')}: {esc(item.reason)}"))
     rows.append(wide("grey arrows: execution order; double border: tied parameter; dashed: inside an opaque module"))
@@ -404,7 +431,7 @@ def plan_graph(
         graph.node(
             node.id,
             _label(text),
-            fillcolor="white",
+            fillcolor=_member_fill(node, plan),
             color="black" if opaque else border,
             penwidth="1.5",
             style="rounded,filled,dashed" if opaque else "rounded,filled",
