@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import hashed_blocks, skew_tile, wrapped_length
+
 __all__ = [
     "WeightGenerator",
     "TemplateMix",
@@ -32,6 +34,7 @@ __all__ = [
     "Interpolate",
     "Mask",
     "Hash",
+    "hash_rows",
     "GENERATOR_KINDS",
     "interpolation_grid",
 ]
@@ -47,6 +50,10 @@ class WeightGenerator(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.numel = math.prod(self.shape)
         self.gain = float(gain)
+
+    def _scaled(self, bank: Tensor) -> Tensor:
+        # The gain scales the small bank, not the large output (the same values: one multiply each).
+        return bank * self.gain if self.gain != 1.0 else bank
 
     def _finish(self, flat: Tensor) -> Tensor:
         # A gain of exactly 1 (copied weights) skips the multiply so copies stay bit-exact.
@@ -163,24 +170,13 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _tile(bank: Tensor, numel: int, offset: int) -> Tensor:
-    """``bank`` repeated to ``numel`` values from ``offset``, copy ``c`` rotated by ``c`` places.
-
-    ``t[j] = bank[(k + c) mod P]`` for ``j + offset = c * P + k``. Plain tiling makes every row
-    identical whenever ``P`` divides the row length (a 10-class head tiled from 16 values has
-    rank 1); the skew keeps rows apart. (Rotating copies by hashed amounts instead scored lower on
-    the digits benchmark at 25 %: 87 % against 97 %.)
-    """
-    size = bank.numel()
-    # One gather, O(numel): gathering rotated views of the bank instead would make autograd
-    # materialise a (P + 1, P) gradient, quadratic in the bank size.
-    position = torch.arange(offset, offset + numel, device=bank.device)
-    return bank[torch.remainder(position + torch.div(position, size, rounding_mode="floor"), size)]
-
-
 class Repeat(WeightGenerator):
-    """Upsampling by tiling: ``w = gain * tile(bank, offset)``, the copies rotated (see ``_tile``).
+    """Upsampling by tiling: ``w = gain * tile(bank, offset)``, the copies rotated.
 
+    ``t[j] = bank[(k + c) mod P]`` for ``j + offset = c * P + k`` (:func:`~npas_fx.kernels.skew_tile`,
+    one write of the weight). Plain tiling makes every row identical whenever ``P`` divides the row
+    length (a 10-class head tiled from 16 values has rank 1); the skew keeps rows apart. (Rotating
+    copies by hashed amounts instead scored lower on the digits benchmark at 25 %: 87 % against 97 %.)
     Layers of one group start at staggered offsets so that equal shapes get different weights.
 
     Example:
@@ -195,7 +191,7 @@ class Repeat(WeightGenerator):
         self.offset = int(offset)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return self._finish(_tile(bank, self.numel, self.offset))
+        return skew_tile(self._scaled(bank), self.numel, self.offset).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}"
@@ -252,7 +248,8 @@ class Mask(WeightGenerator):
     """Upsampling by tiling with a learned mask per output row (SSN ``mask``).
 
     ``w[o, :] = gain * m_o * tile(bank, offset)[o, :]``; ``m`` starts at random signs so that the
-    copies of the bank differ from the first step.
+    copies of the bank differ from the first step. (The gain scales the bank before the mask: equal
+    to ``(tile * m) * gain`` up to one rounding.)
 
     Example:
         >>> gen = Mask((2, 3))
@@ -269,37 +266,79 @@ class Mask(WeightGenerator):
         self.mask = nn.Parameter(signs)
 
     def forward(self, bank: Tensor) -> Tensor:
-        tiled = _tile(bank, self.numel, self.offset).view(self.shape[0], -1)
-        return self._finish((tiled * self.mask.to(bank.dtype).unsqueeze(1)).reshape(-1))
+        tiled = skew_tile(self._scaled(bank), self.numel, self.offset).view(self.shape[0], -1)  # (out, rest)
+        return (tiled * self.mask.to(bank.dtype).unsqueeze(1)).view(self.shape)
 
 
 class Hash(WeightGenerator):
-    """HashedNets-style generation: ``w[j] = gain * s(j) * bank[h(j) mod P]``.
+    """HashedNets / ROAST hashing: block ``b`` of ``chunk`` weights is ``gain * s(b) * bank[h(b) + i mod P]``.
 
-    ``h`` and the sign ``s`` are integer hashes of the position ``j`` and a per-layer ``salt``,
-    recomputed in every forward instead of stored as a full-size index tensor.
+    The weight, flattened, is cut into blocks of ``chunk`` contiguous values; block ``b`` reads the
+    bank range starting at ``h(b) mod P`` (wrapping around) times a sign ``s(b)``, both integer
+    hashes of ``b`` and a per-layer ``salt`` (ROAST, Desai et al. 2022). ``chunk=1`` is per-element
+    HashedNets (the format of plans without a ``chunk``). One index per block: given the
+    ``bank_size``, they are computed once into a non-persistent buffer ``rows`` (int32 when it
+    fits: ``4 * ceil(numel / chunk)`` bytes), otherwise at every forward.
 
     Example:
         >>> gen = Hash((3, 4), salt=7)
         >>> bool((gen(torch.ones(5)).abs() == 1).all())
         True
+        >>> Hash((3, 4), salt=7, chunk=4, bank_size=5).rows.shape
+        torch.Size([3])
     """
 
     kind = "hash"
 
-    def __init__(self, shape: Sequence[int], salt: int, gain: float = 1.0) -> None:
+    def __init__(
+        self, shape: Sequence[int], salt: int, gain: float = 1.0, chunk: int = 1, bank_size: int | None = None
+    ) -> None:
         super().__init__(shape, gain)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"`chunk` should be an integer >= 1, got {chunk!r}.")
+        if bank_size is not None and (isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 1):
+            raise ValueError(f"`bank_size` should be an integer >= 1 or None, got {bank_size!r}.")
         self.salt = int(salt) & _MASK32
+        self.chunk = chunk
+        self.bank_size = bank_size
+        rows = None if bank_size is None else hash_rows(self.numel, chunk, self.salt, bank_size)
+        self.register_buffer("rows", rows, persistent=False)
 
     def forward(self, bank: Tensor) -> Tensor:
-        position = torch.arange(self.numel, device=bank.device, dtype=torch.int64)
-        h = _mix32(position + self.salt * 0x9E3779B1)
-        index = torch.remainder(h, bank.numel())
-        sign = ((_mix32(h + 0x68E31DA4) & 1) * 2 - 1).to(bank.dtype)
-        return self._finish(bank[index] * sign)
+        size = bank.numel()
+        if self.rows is None:
+            rows = hash_rows(self.numel, self.chunk, self.salt, size, bank.device)
+        elif size != self.bank_size:
+            raise ValueError(
+                f"this hash generator was built for a bank of {self.bank_size} values, got {size}; "
+                "build it with the bank's size (or bank_size=None to hash at every forward)."
+            )
+        else:
+            rows = self.rows
+        return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, salt={self.salt}"
+        return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"
+
+
+def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:
+    """Row of the signed table (:func:`~npas_fx.kernels.hashed_blocks`) each block of ``chunk`` reads.
+
+    ``h = mix32(b + salt * 0x9E3779B1)``, start ``h mod P``, sign ``+1`` when bit 0 of
+    ``mix32(h + 0x68E31DA4)`` is set: with ``chunk=1`` exactly the per-element HashedNets formula.
+
+    Example:
+        >>> hash_rows(4, 1, salt=7, bank_size=5).tolist()
+        [4, 5, 2, 3]
+    """
+    blocks = -(-numel // chunk)
+    length = wrapped_length(bank_size, chunk)
+    position = torch.arange(blocks, device=device, dtype=torch.int64)
+    # (b + S) & M == (b + (S & M)) & M: masking the salt's product first keeps it below 2**63.
+    h = _mix32(position + ((salt * 0x9E3779B1) & _MASK32))
+    negative = 1 - (_mix32(h + 0x68E31DA4) & 1)
+    rows = torch.remainder(h, bank_size) + length * negative
+    return rows.to(torch.int32) if 2 * length < 2**31 else rows
 
 
 GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash", "superweight")
