@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import hashed_blocks, skew_tile, wrapped_length
+from .kernels import _MASK32, _mix32, hash_rows, hashed_blocks, skew_tile  # noqa: F401 (_mix32: benchmarks)
 
 __all__ = [
     "WeightGenerator",
@@ -34,7 +34,6 @@ __all__ = [
     "Interpolate",
     "Mask",
     "Hash",
-    "hash_rows",
     "GENERATOR_KINDS",
     "interpolation_grid",
 ]
@@ -154,22 +153,6 @@ class EmbeddingMix(WeightGenerator):
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
 
 
-# Constants of a 32-bit integer hash (lowbias32); every product stays below 2**63 because the
-# state is masked to 32 bits before each multiplication.
-_MASK32 = 0xFFFFFFFF
-_HASH_MUL_1 = 0x7FEB352D
-_HASH_MUL_2 = 0x846CA68B
-
-
-def _mix32(x: Tensor) -> Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL_1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _HASH_MUL_2) & _MASK32
-    return x ^ (x >> 16)
-
-
 class Repeat(WeightGenerator):
     """Upsampling by tiling: ``w = gain * tile(bank, offset)``, the copies rotated.
 
@@ -271,14 +254,17 @@ class Mask(WeightGenerator):
 
 
 class Hash(WeightGenerator):
-    """HashedNets / ROAST hashing: block ``b`` of ``chunk`` weights is ``gain * s(b) * bank[h(b) + i mod P]``.
+    """Hashed sharing: block ``b`` of ``chunk`` weights is ``gain * s(b) * (a hashed bank range)``.
 
-    The weight, flattened, is cut into blocks of ``chunk`` contiguous values; block ``b`` reads the
-    bank range starting at ``h(b) mod P`` (wrapping around) times a sign ``s(b)``, both integer
-    hashes of ``b`` and a per-layer ``salt`` (ROAST, Desai et al. 2022). ``chunk=1`` is per-element
-    HashedNets (the format of plans without a ``chunk``). One index per block: given the
-    ``bank_size``, they are computed once into a non-persistent buffer ``rows`` (int32 when it
-    fits: ``4 * ceil(numel / chunk)`` bytes), otherwise at every forward.
+    ``chunk=1`` is per-element HashedNets (Chen et al. 2015): ``w[j] = gain * s(j) * bank[h(j) mod P]``,
+    the format of plans without a ``chunk``. ``chunk > 1`` is ROAST-style (Desai et al. 2022): the
+    flattened weight is cut into blocks of ``chunk`` contiguous values, the bank into slots of
+    ``chunk`` contiguous values (the last one wrapping to the start), and each block reads one slot
+    times a hashed sign; blocks take slots in rounds, each round a hashed permutation of the slots,
+    so a layer at least as large as its bank reads every bank value (see
+    :func:`~npas_fx.kernels.hash_rows`). Hashes depend on the position and a per-layer ``salt``.
+    Given the ``bank_size``, the one index per block is computed once into a non-persistent buffer
+    ``rows`` (int32 when it fits: ``4 * ceil(numel / chunk)`` bytes), otherwise at every forward.
 
     Example:
         >>> gen = Hash((3, 4), salt=7)
@@ -319,26 +305,6 @@ class Hash(WeightGenerator):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"
-
-
-def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:
-    """Row of the signed table (:func:`~npas_fx.kernels.hashed_blocks`) each block of ``chunk`` reads.
-
-    ``h = mix32(b + salt * 0x9E3779B1)``, start ``h mod P``, sign ``+1`` when bit 0 of
-    ``mix32(h + 0x68E31DA4)`` is set: with ``chunk=1`` exactly the per-element HashedNets formula.
-
-    Example:
-        >>> hash_rows(4, 1, salt=7, bank_size=5).tolist()
-        [4, 5, 2, 3]
-    """
-    blocks = -(-numel // chunk)
-    length = wrapped_length(bank_size, chunk)
-    position = torch.arange(blocks, device=device, dtype=torch.int64)
-    # (b + S) & M == (b + (S & M)) & M: masking the salt's product first keeps it below 2**63.
-    h = _mix32(position + ((salt * 0x9E3779B1) & _MASK32))
-    negative = 1 - (_mix32(h + 0x68E31DA4) & 1)
-    rows = torch.remainder(h, bank_size) + length * negative
-    return rows.to(torch.int32) if 2 * length < 2**31 else rows
 
 
 GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash", "superweight")

@@ -10,29 +10,46 @@ Both kernels here reach it without integer index tensors over the weight:
   the same circulant row (a reshape and a sum) and un-skews the ``P x P`` (or smaller) remainder
   with ``unfold_backward``, then folds the doubled bank back onto the bank.
 * :func:`hashed_blocks` (``hash``): ROAST-style chunks. Block ``b`` of ``chunk`` contiguous weights
-  reads the bank range starting at a hashed position, times a hashed sign: one row of the
-  ``unfold`` of the signed, wrapped bank ``[ext, -ext]``, gathered with ``index_select`` by one
-  index per block. Backward scatter-adds the gradient into that table (one ``index_add_``) and
-  folds it back onto the bank. ``chunk=1`` is per-element HashedNets hashing.
+  reads one slot (``chunk`` contiguous values) of the bank times a sign: one row of the signed slot
+  table ``[ext, -ext]`` (the bank wrapped to whole slots), gathered with ``index_select`` by one
+  index per block. Backward scatter-adds whole rows of the gradient into that table (one
+  ``index_add_``, one index per block) and folds it back onto the bank. With ``chunk=1`` a slot
+  is one value: per-element HashedNets hashing.
 
 Example:
     >>> import torch
     >>> skew_tile(torch.tensor([1.0, 2.0, 3.0]), 7, 0).tolist()
     [1.0, 2.0, 3.0, 2.0, 3.0, 1.0, 3.0]
-    >>> rows = torch.tensor([2, 4])  # block 0: bank[2:4]; block 1: -bank[0:2] (4 = L + 0, L = 4)
+    >>> rows = torch.tensor([1, 2])  # 2 slots [1, 2], [3, 1]: block 0 reads slot 1, block 1 -slot 0
     >>> hashed_blocks(torch.tensor([1.0, 2.0, 3.0]), rows, 4, 2).tolist()
     [3.0, 1.0, -1.0, -2.0]
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["skew_tile", "hashed_blocks", "wrapped_length"]
+__all__ = ["skew_tile", "hashed_blocks", "hash_rows", "slot_count"]
+
+# Constants of a 32-bit integer hash (lowbias32, a bijection on 32-bit integers); every product
+# stays below 2**63 because the state is masked to 32 bits before each multiplication.
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x846CA68B
+_SALT_MUL = 0x9E3779B1
+_SIGN_SALT = 0x68E31DA4
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL_1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_MUL_2) & _MASK32
+    return x ^ (x >> 16)
 
 
 def _extend(bank: Tensor, length: int) -> Tensor:
@@ -155,54 +172,96 @@ def skew_tile(bank: Tensor, numel: int, offset: int) -> Tensor:
 
 
 # ---- chunked hashing ----------------------------------------------------------------------------
-def wrapped_length(size: int, chunk: int) -> int:
-    """Values in the wrapped bank a block may read: ``P + chunk - 1`` (the signed table holds two)."""
-    return size + chunk - 1
+def slot_count(size: int, chunk: int) -> int:
+    """Slots of ``chunk`` values a ``size``-value bank is cut into (the last one wraps to the start)."""
+    return -(-size // chunk)
 
 
 class _HashBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
         size = bank.numel()
-        length = wrapped_length(size, chunk)
-        extended = _extend(bank, length)
-        table = torch.cat([extended, -extended])  # (2L,): row r < L reads +bank, row L + r reads -bank
-        windows = table.unfold(0, chunk, 1)  # (2L - chunk + 1, chunk) strided view, no copy
+        slots = slot_count(size, chunk)
+        extended = _extend(bank, slots * chunk)  # the last slot wraps around to the bank's start
+        table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
         ctx.save_for_backward(rows)
         ctx.shape = (size, chunk, numel)
-        full = numel // chunk
-        out = bank.new_empty(numel)
-        if full:
-            torch.index_select(windows, 0, rows[:full], out=out.narrow(0, 0, full * chunk).view(full, chunk))
-        if numel > full * chunk:  # last, partial block
-            out.narrow(0, full * chunk, numel - full * chunk).copy_(windows[rows[full]][: numel - full * chunk])
-        return out
+        out = torch.index_select(table, 0, rows).view(-1)  # (blocks * chunk,): one row per block
+        return out if out.numel() == numel else out.narrow(0, 0, numel)  # the last block may be partial
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (rows,) = ctx.saved_tensors
         size, chunk, numel = ctx.shape
-        length = wrapped_length(size, chunk)
-        if chunk == 1:
-            index = rows
-        else:  # the element index lives only during this backward
-            steps = torch.arange(chunk, device=rows.device, dtype=rows.dtype)
-            index = (rows.unsqueeze(1) + steps).view(-1).narrow(0, 0, numel)
-        table = grad.new_zeros(2 * length).index_add_(0, index, grad)
-        return _fold(table[:length] - table[length:], size), None, None, None
+        slots = slot_count(size, chunk)
+        table = grad.new_zeros(2 * slots, chunk)
+        full = numel // chunk
+        if chunk == 1:  # one value per row: the 1-D scatter is the fast one
+            table.view(-1).index_add_(0, rows, grad)
+        elif full:  # scatter-add whole rows: one index per block, no index per weight
+            table.index_add_(0, rows.narrow(0, 0, full), grad.narrow(0, 0, full * chunk).view(full, chunk))
+        if chunk > 1 and numel > full * chunk:
+            last = torch.cat(
+                [grad.narrow(0, full * chunk, numel - full * chunk), grad.new_zeros((full + 1) * chunk - numel)]
+            )
+            table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
+        signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
+        return _fold(signed.view(-1), size), None, None, None
 
 
 def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
-    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed table.
+    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed slot table.
 
-    With ``L = P + chunk - 1`` (:func:`wrapped_length`): row ``r < L`` is ``bank[(r + i) mod P]``
-    for ``i < chunk``, row ``L + r`` its negation. ``rows`` holds ``ceil(numel / chunk)`` indices.
+    The bank, wrapped to ``m * chunk`` values (``m`` = :func:`slot_count`), is cut into ``m`` slots
+    of ``chunk`` contiguous values; row ``s < m`` of the table is slot ``s``, row ``m + s`` its
+    negation. ``rows`` holds ``ceil(numel / chunk)`` indices. One write of ``numel`` values forward,
+    one row-wise scatter-add backward.
 
     Example:
         >>> hashed_blocks(torch.tensor([1.0, 2.0]), torch.tensor([1, 2, 0]), 3, 1).tolist()
         [2.0, -1.0, 1.0]
     """
-    blocks = math.ceil(numel / chunk)
+    blocks = -(-numel // chunk)
     if rows.shape != (blocks,):
         raise ValueError(f"`rows` should hold {blocks} block indices for {numel} values in chunks of {chunk}.")
     return _HashBlocks.apply(bank, rows, numel, chunk)
+
+
+def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:
+    """The row of the signed slot table (:func:`hashed_blocks`) that each block of ``chunk`` reads.
+
+    ``h(b) = mix32(b + salt * 0x9E3779B1)`` for block ``b``; the sign is ``+1`` when bit 0 of
+    ``mix32(h(b) + 0x68E31DA4)`` is set. ``chunk=1``: the slot is ``h(b) mod P`` (per-element
+    HashedNets, the formula of plans without a chunk). ``chunk > 1``: blocks take the ``m`` slots in
+    rounds of ``m`` blocks, round ``t`` in the order of ``argsort(h)`` over its blocks (a hashed
+    permutation, ``h`` being a bijection); a partial last block takes the last, shortest slot. So a
+    layer with ``numel >= P`` reads every bank value, and bank values are read evenly.
+
+    Example:
+        >>> hash_rows(4, 1, salt=7, bank_size=5).tolist()
+        [4, 5, 2, 3]
+        >>> sorted(hash_rows(8, 2, salt=7, bank_size=8).remainder(4).tolist())  # every slot once
+        [0, 1, 2, 3]
+    """
+    size = bank_size
+    slots = slot_count(size, chunk)
+    blocks = -(-numel // chunk)
+    rounds = -(-blocks // slots)
+    position = torch.arange(rounds * slots if chunk > 1 else blocks, device=device, dtype=torch.int64)
+    # (b + S) & M == (b + (S & M)) & M: masking the salt's product first keeps it below 2**63.
+    h = _mix32(position + ((salt * _SALT_MUL) & _MASK32))
+    if chunk == 1:
+        slot = torch.remainder(h, size)
+    else:
+        slot = torch.argsort(h.view(rounds, slots), dim=1).view(-1).narrow(0, 0, blocks)
+        if numel % chunk and slots > 1:  # the partial last block swaps slots with the shortest one
+            first = (blocks - 1) // slots * slots
+            last_round = slot.narrow(0, first, blocks - first)
+            swapped = torch.where(last_round == slots - 1, slot.narrow(0, blocks - 1, 1), last_round)
+            slot = torch.cat(
+                [slot.narrow(0, 0, first), swapped.narrow(0, 0, blocks - first - 1), slot.new_full((1,), slots - 1)]
+            )
+        h = h.narrow(0, 0, blocks)
+    negative = 1 - (_mix32(h + _SIGN_SALT) & 1)
+    rows = slot + slots * negative
+    return rows.to(torch.int32) if 2 * slots < 2**31 else rows
