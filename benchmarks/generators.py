@@ -6,7 +6,10 @@ of the weight for the upsamplers ``repeat``, ``interpolate``, ``mask``, ``hash``
 the mixers ``wavg``, ``emb``, ``superweight``; a bank of the weight's size for ``slice``):
 
 * forward: ``gen(bank, ...)`` with autograd recording (bank and generator parameters require grad);
-* backward: ``torch.autograd.grad(out, inputs, g)`` on that output with a random ``g``.
+* backward: ``torch.autograd.grad(out, inputs, g, retain_graph=True)`` on that output.
+
+Weights under 1M values are timed over ``1M / numel`` calls per sample (per-call overhead is then
+part of the ratio, as it is in training).
 
 Both are divided by the time of ``x.clone()`` of a same-size ``x`` measured in the same round.
 ``clone()``'s own backward hands the gradient through untouched (no read, no write), so the clone's
@@ -145,39 +148,46 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _forward_backward(run: Callable[[], Tensor], inputs: tuple[Tensor, ...], device: str) -> tuple[float, float]:
+def _forward_backward(
+    run: Callable[[], Tensor], inputs: tuple[Tensor, ...], inner: int, device: str
+) -> tuple[float, float]:
+    """Seconds per forward and per backward, each timed over ``inner`` calls."""
     _sync(device)
     start = time.perf_counter()
-    out = run()
+    for _ in range(inner):
+        out = run()
     _sync(device)
-    forward = time.perf_counter() - start
+    forward = (time.perf_counter() - start) / inner
     grad = torch.ones_like(out)
     _sync(device)
     start = time.perf_counter()
-    torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    for _ in range(inner):
+        torch.autograd.grad(out, inputs, grad, retain_graph=True, allow_unused=True)
     _sync(device)
-    return forward, time.perf_counter() - start
+    return forward, (time.perf_counter() - start) / inner
 
 
-def _clone_time(x: Tensor, device: str) -> float:
+def _clone_time(x: Tensor, inner: int, device: str) -> float:
     _sync(device)
     start = time.perf_counter()
-    x.clone()
+    for _ in range(inner):
+        x.clone()
     _sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / inner
 
 
 def measure(shape: tuple[int, int], rounds: int, device: str) -> dict[str, tuple[float, ...]]:
     """Median per-round ratios ``(fwd, bwd, old fwd, old bwd)`` (NaN: no old formula) per case."""
     cases = make_cases(shape, device)
     x = torch.randn(math.prod(shape), device=device)
+    inner = max(1, 1_000_000 // x.numel())  # small weights: time many calls per sample
     ratios: dict[str, list[tuple[float, ...]]] = {name: [] for name in cases}
     for round_ in range(rounds + 1):  # round 0 warms up
         for name, case in cases.items():
-            clone = _clone_time(x, device)
-            new = _forward_backward(case.run, case.inputs, device)
-            old = _forward_backward(case.run_old, case.inputs, device) if case.old else (math.nan, math.nan)
-            clone = min(clone, _clone_time(x, device))  # the clone on both sides of the case
+            clone = _clone_time(x, inner, device)
+            new = _forward_backward(case.run, case.inputs, inner, device)
+            old = _forward_backward(case.run_old, case.inputs, inner, device) if case.old else (math.nan, math.nan)
+            clone = min(clone, _clone_time(x, inner, device))  # the clone on both sides of the case
             if round_:
                 ratios[name].append(tuple(t / clone for t in (*new, *old)))
     return {name: tuple(statistics.median(r[i] for r in rows) for i in range(4)) for name, rows in ratios.items()}

@@ -115,8 +115,19 @@ def test_skew_tile_gradient_equals_the_old_gather(size, numel, offset_share):
 
 
 # (P, numel, offset): a wrap in the head only, fewer copies than P, whole circulants and extra rows,
-# tails, P = 1, a bank larger than the layer.
-TILE_LAYOUTS = [(5, 3, 4), (5, 12, 2), (4, 40, 1), (3, 31, 2), (1, 7, 0), (7, 7, 6), (6, 100, 0), (50, 20, 45)]
+# tails, P = 1, a bank larger than the layer, more than 32 rows to un-skew.
+TILE_LAYOUTS = [
+    (5, 3, 4),
+    (5, 12, 2),
+    (4, 40, 1),
+    (3, 31, 2),
+    (1, 7, 0),
+    (7, 7, 6),
+    (6, 100, 0),
+    (50, 20, 45),
+    (40, 2000, 3),
+    (45, 1700, 7),
+]
 
 
 @pytest.mark.parametrize(("size", "numel", "offset"), TILE_LAYOUTS)
