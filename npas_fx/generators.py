@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import _MASK32, _mix32, hash_rows, hashed_blocks, skew_tile  # noqa: F401 (_mix32: benchmarks)
+from .kernels import _MASK32, _mix32, hash_rows, hashed_blocks, masked_tile, skew_tile  # noqa: F401 (_mix32: benchmarks)
 
 __all__ = [
     "WeightGenerator",
@@ -249,8 +249,7 @@ class Mask(WeightGenerator):
         self.mask = nn.Parameter(signs)
 
     def forward(self, bank: Tensor) -> Tensor:
-        tiled = skew_tile(self._scaled(bank), self.numel, self.offset).view(self.shape[0], -1)  # (out, rest)
-        return (tiled * self.mask.to(bank.dtype).unsqueeze(1)).view(self.shape)
+        return masked_tile(self._scaled(bank), self.mask.to(bank.dtype), self.numel, self.offset).view(self.shape)
 
 
 class Hash(WeightGenerator):

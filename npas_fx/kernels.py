@@ -3,7 +3,7 @@
 The floor for a generated weight is one write of its size in forward and one read in backward.
 Both kernels here reach it without integer index tensors over the weight:
 
-* :func:`skew_tile` (``repeat``, ``mask``): copy ``c`` of the bank rotated by ``c`` places. Copy
+* :func:`skew_tile` (``repeat``; :func:`masked_tile` for ``mask``): copy ``c`` of the bank rotated by ``c`` places. Copy
   ``c`` is the window ``bb[c mod P : c mod P + P]`` of the doubled bank ``bb = [bank, bank]``, so
   the rows are strided views of ``bb`` (``unfold``: a ``P x P`` circulant, repeated when there are
   more copies than ``P``) copied once into the output. Backward sums the gradient's rows that read
@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["skew_tile", "hashed_blocks", "hash_rows", "slot_count"]
+__all__ = ["skew_tile", "masked_tile", "hashed_blocks", "hash_rows", "slot_count"]
 
 # Constants of a 32-bit integer hash (lowbias32, a bijection on 32-bit integers); every product
 # stays below 2**63 because the state is masked to 32 bits before each multiplication.
@@ -127,47 +127,92 @@ def _unskew_add(out: Tensor, rows: Tensor, group: int = 64) -> None:
         out.narrow(0, start, size + k - 1).add_(shifted.sum(0))
 
 
+def _tile(bank: Tensor, lay: _TileLayout) -> Tensor:
+    """The skewed tiles of ``bank`` (see :func:`skew_tile`), written once into a new tensor."""
+    doubled = _extend(bank, lay.length)  # doubled[i] = bank[i mod P]
+    size, start = lay.size, lay.head
+    out = bank.new_empty(lay.head + lay.rows * size + lay.tail)
+    out.narrow(0, 0, lay.head).copy_(doubled.narrow(0, lay.offset, lay.head))
+    if lay.rows:
+        circulant = _circulant(doubled, size)  # (R, P) strided view, R = min(rows, P)
+        if lay.blocks:  # more copies than P: the circulant repeats
+            whole = out.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size)
+            whole.copy_(circulant.expand(lay.blocks, size, size))
+            start += lay.blocks * size * size
+        if lay.extra:
+            out.narrow(0, start, lay.extra * size).view(lay.extra, size).copy_(circulant[: lay.extra])
+            start += lay.extra * size
+    if lay.tail:
+        out.narrow(0, start, lay.tail).copy_(doubled.narrow(0, lay.tail_start, lay.tail))
+    return out
+
+
+def _tile_backward(grad: Tensor, lay: _TileLayout) -> Tensor:
+    """The bank's gradient from the tiles' ``grad``: the adjoint of :func:`_tile`."""
+    size, start = lay.size, lay.head
+    doubled = grad.new_zeros(lay.length)
+    doubled.narrow(0, lay.offset, lay.head).add_(grad.narrow(0, 0, lay.head))
+    if lay.rows:
+        rows = None  # (R, P): the gradient of each circulant row, copies that read it summed
+        if lay.blocks:
+            rows = grad.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size).sum(0)
+            start += lay.blocks * size * size
+        if lay.extra:
+            extra = grad.narrow(0, start, lay.extra * size).view(lay.extra, size)
+            rows = extra if rows is None else torch.cat([rows[: lay.extra] + extra, rows[lay.extra :]])
+            start += lay.extra * size
+        _unskew_add(doubled.narrow(0, 1, rows.shape[0] + size - 1), rows)
+    if lay.tail:
+        doubled.narrow(0, lay.tail_start, lay.tail).add_(grad.narrow(0, start, lay.tail))
+    return _fold(doubled, size)
+
+
 class _SkewTile(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, bank: Tensor, numel: int, offset: int) -> Tensor:
-        lay = _tile_layout(bank.numel(), numel, offset)
-        ctx.layout = lay
-        doubled = _extend(bank, lay.length)  # doubled[i] = bank[i mod P]
-        out = bank.new_empty(numel)
-        out.narrow(0, 0, lay.head).copy_(doubled.narrow(0, offset, lay.head))
-        size, start = lay.size, lay.head
-        if lay.rows:
-            circulant = _circulant(doubled, size)  # (R, P) strided view, R = min(rows, P)
-            if lay.blocks:  # more copies than P: the circulant repeats
-                whole = out.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size)
-                whole.copy_(circulant.expand(lay.blocks, size, size))
-                start += lay.blocks * size * size
-            if lay.extra:
-                out.narrow(0, start, lay.extra * size).view(lay.extra, size).copy_(circulant[: lay.extra])
-                start += lay.extra * size
-        if lay.tail:
-            out.narrow(0, start, lay.tail).copy_(doubled.narrow(0, lay.tail_start, lay.tail))
-        return out
+        ctx.layout = _tile_layout(bank.numel(), numel, offset)
+        return _tile(bank, ctx.layout)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        lay = ctx.layout
-        size, start = lay.size, lay.head
-        doubled = grad.new_zeros(lay.length)
-        doubled.narrow(0, lay.offset, lay.head).add_(grad.narrow(0, 0, lay.head))
-        if lay.rows:
-            rows = None  # (R, P): the gradient of each circulant row, copies that read it summed
-            if lay.blocks:
-                rows = grad.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size).sum(0)
-                start += lay.blocks * size * size
-            if lay.extra:
-                extra = grad.narrow(0, start, lay.extra * size).view(lay.extra, size)
-                rows = extra if rows is None else torch.cat([rows[: lay.extra] + extra, rows[lay.extra :]])
-                start += lay.extra * size
-            _unskew_add(doubled.narrow(0, 1, rows.shape[0] + size - 1), rows)
-        if lay.tail:
-            doubled.narrow(0, lay.tail_start, lay.tail).add_(grad.narrow(0, start, lay.tail))
-        return _fold(doubled, size), None, None
+        return _tile_backward(grad, ctx.layout), None, None
+
+
+class _MaskedTile(torch.autograd.Function):
+    """``tile(bank).view(R, -1) * mask[:, None]`` in one tensor: the tiles are multiplied in place and
+    recomputed in backward, so the unmasked tiles are never kept (half the memory of two ops)."""
+
+    @staticmethod
+    def forward(ctx: Any, bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
+        ctx.layout = _tile_layout(bank.numel(), numel, offset)
+        ctx.save_for_backward(bank, mask)
+        out = _tile(bank, ctx.layout)
+        out.view(mask.shape[0], -1).mul_(mask.unsqueeze(1))  # (R, C) *= (R, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        bank, mask = ctx.saved_tensors
+        rows = grad.view(mask.shape[0], -1)  # (R, C)
+        tiles = _tile(bank, ctx.layout).view_as(rows)
+        grad_mask = torch.bmm(rows.unsqueeze(1), tiles.unsqueeze(2)).view(-1)  # row-wise dot products
+        grad_bank = _tile_backward(tiles.copy_(rows).mul_(mask.unsqueeze(1)).view(-1), ctx.layout)
+        return grad_bank, grad_mask, None, None
+
+
+def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
+    """:func:`skew_tile` with row ``o`` of its ``(len(mask), -1)`` view multiplied by ``mask[o]``.
+
+    Example:
+        >>> masked_tile(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -1.0]), 4, 0).tolist()
+        [1.0, 2.0, -3.0, -2.0]
+    """
+    size = bank.numel()
+    if not 0 <= offset < size:
+        raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
+    if numel % mask.numel():
+        raise ValueError(f"`mask` of {mask.numel()} rows should divide the {numel} values.")
+    return _MaskedTile.apply(bank, mask, numel, offset)
 
 
 def skew_tile(bank: Tensor, numel: int, offset: int) -> Tensor:

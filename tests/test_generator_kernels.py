@@ -20,7 +20,16 @@ from models import CASES
 import npas_fx
 from npas_fx.budget import GeneratorConfig
 from npas_fx.generators import Hash, Mask, Repeat
-from npas_fx.kernels import _HashBlocks, _SkewTile, hash_rows, hashed_blocks, skew_tile, slot_count
+from npas_fx.kernels import (
+    _HashBlocks,
+    _MaskedTile,
+    _SkewTile,
+    hash_rows,
+    hashed_blocks,
+    masked_tile,
+    skew_tile,
+    slot_count,
+)
 from npas_fx.plan import LayerPlan, Plan, _load
 from npas_fx.shared_params import make_generator
 
@@ -143,6 +152,28 @@ def test_skew_tile_without_wrap_is_a_view_and_rejects_bad_offsets():
     for offset in (-1, 10):
         with pytest.raises(ValueError, match=rf"`offset` should be in \[0, 10\).*got {offset}"):
             skew_tile(bank, 4, offset)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    size=st.integers(1, 80),
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 200),
+    offset_share=st.floats(0, 1, exclude_max=True),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_masked_tile_equals_the_old_tile_times_the_mask(size, rows, cols, offset_share, dtype):
+    offset = int(offset_share * size)
+    bank, mask = _bank(size, dtype), _bank(rows, dtype, seed=2)
+    expected = (old_tile(bank, rows * cols, offset).view(rows, cols) * mask.unsqueeze(1)).view(-1)
+    assert torch.equal(masked_tile(bank, mask, rows * cols, offset), expected)
+
+
+@pytest.mark.parametrize(("size", "numel", "offset"), TILE_LAYOUTS)
+def test_masked_tile_gradcheck(size, numel, offset):
+    rows = next(r for r in (5, 4, 3, 2, 1) if numel % r == 0)
+    bank, mask = _bank(size).requires_grad_(True), _bank(rows, seed=3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b, m: _MaskedTile.apply(b, m, numel, offset), (bank, mask))
 
 
 def test_mask_equals_the_old_formula_up_to_rounding():
