@@ -47,9 +47,9 @@ from npas_fx.generators import (  # noqa: E402
     Repeat,
     TemplateMix,
     WeightGenerator,
-    _mix32,
     interpolation_grid,
 )
+from npas_fx.kernels import _mix32  # noqa: E402
 from npas_fx.plan import LayerPlan  # noqa: E402
 from npas_fx.superweights import SuperWeightLayout  # noqa: E402
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import _MASK32, _mix32, hash_rows, hashed_blocks, masked_tile, skew_tile  # noqa: F401 (_mix32: benchmarks)
+from .kernels import _MASK32, hash_rows, hashed_blocks, masked_tile, skew_tile
 
 __all__ = [
     "WeightGenerator",

@@ -3,12 +3,13 @@
 The floor for a generated weight is one write of its size in forward and one read in backward.
 Both kernels here reach it without integer index tensors over the weight:
 
-* :func:`skew_tile` (``repeat``; :func:`masked_tile` for ``mask``): copy ``c`` of the bank rotated by ``c`` places. Copy
-  ``c`` is the window ``bb[c mod P : c mod P + P]`` of the doubled bank ``bb = [bank, bank]``, so
-  the rows are strided views of ``bb`` (``unfold``: a ``P x P`` circulant, repeated when there are
-  more copies than ``P``) copied once into the output. Backward sums the gradient's rows that read
-  the same circulant row (a reshape and a sum), un-skews the ``P x P`` (or smaller) remainder
-  (shifted adds), then folds the doubled bank back onto the bank.
+* :func:`skew_tile` (``repeat``): copy ``c`` of the bank rotated by ``c`` places. Copy ``c`` is
+  the window ``bb[c mod P : c mod P + P]`` of the doubled bank ``bb = [bank, bank]``, so the rows
+  are strided views of ``bb`` (``unfold``: a ``P x P`` circulant, repeated when there are more
+  copies than ``P``) copied once into the output. Backward sums the gradient's rows that read the
+  same circulant row (a reshape and a sum), un-skews the ``P x P`` (or smaller) remainder (shifted
+  adds), then folds the doubled bank back onto the bank. :func:`masked_tile` (``mask``) scales
+  the rows in place and recomputes the tiles in backward.
 * :func:`hashed_blocks` (``hash``): ROAST-style chunks. Block ``b`` of ``chunk`` contiguous weights
   reads one slot (``chunk`` contiguous values) of the bank times a sign: one row of the signed slot
   table ``[ext, -ext]`` (the bank wrapped to whole slots), gathered with ``index_select`` by one
