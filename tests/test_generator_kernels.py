@@ -277,7 +277,9 @@ def test_chunked_hash_is_deterministic_and_salted():
     assert not torch.equal(a, Hash((64, 64), salt=5, chunk=32)(bank))
 
 
-@pytest.mark.parametrize(("size", "numel", "chunk"), [(7, 20, 1), (7, 20, 3), (5, 21, 8), (30, 10, 4), (12, 12, 4)])
+@pytest.mark.parametrize(
+    ("size", "numel", "chunk"), [(7, 20, 1), (7, 20, 3), (5, 21, 8), (30, 10, 4), (12, 12, 4), (2, 30, 16)]
+)
 def test_hashed_blocks_gradcheck(size, numel, chunk):
     rows = hash_rows(numel, chunk, 3, size)
     bank = _bank(size).requires_grad_(True)
