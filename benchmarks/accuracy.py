@@ -13,7 +13,8 @@ steps (SSN's "10-15 % of a run"), then the final model is trained from scratch f
 SWN's search time adds its refinement model (half as many steps).
 
 Run: ``python benchmarks/accuracy.py`` (about 15 minutes on 2 CPU cores; ``--quick`` for a smoke
-run). Writes ``docs/accuracy.md`` (the table) and ``docs/accuracy.png`` (the plot).
+run). Writes ``docs/accuracy.md`` (the table) and ``docs/accuracy.png`` (the plot). A filtered run
+(``--strategies hash --budgets 0.05 0.1 --hash-chunk 1``) only prints its rows.
 """
 
 from __future__ import annotations
@@ -103,7 +104,14 @@ def batches_for(data: DigitsSplit, seed: int) -> list[tuple[Tensor, Tensor]]:
     return [(data.train_x[i], data.train_y[i]) for i in order.split(BATCH)]
 
 
-def run_one(data: DigitsSplit, strategy: str, budget: float, seed: int, epochs: int) -> dict:
+def run_one(
+    data: DigitsSplit,
+    strategy: str,
+    budget: float,
+    seed: int,
+    epochs: int,
+    config: npas_fx.GeneratorConfig | None = None,
+) -> dict:
     torch.manual_seed(seed)
     model = ResidualDigitsCNN()
     original = npas_fx.count_parameters(model)
@@ -127,7 +135,7 @@ def run_one(data: DigitsSplit, strategy: str, budget: float, seed: int, epochs: 
                 search_steps=max(1, round(SEARCH_SHARE * steps)),
                 options={"progress": False},
             )
-        net = npas_fx.compile(model, budget, strategy=strategy, seed=seed, **extra)
+        net = npas_fx.compile(model, budget, strategy=strategy, seed=seed, generators=config, **extra)
         params = npas_fx.count_parameters(net)
         assert params == target, f"{strategy} at {budget}: {params} != {target}"
     search = time.perf_counter() - start
@@ -167,15 +175,12 @@ def table(results: dict, budgets: tuple[float, ...], original: int, seeds: int, 
     for key, label in rows:
         cells = [_cell([r["acc"] for r in results[(key, b)]]) if (key, b) in results else "" for b in budgets]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    narrow = [results[("narrow", b)][0] for b in budgets if ("narrow", b) in results]
+    narrow = [(b, results[("narrow", b)][0]) for b in budgets if ("narrow", b) in results]
     lines += [
         "",
         "Dense narrowed/widened (conv width w, hidden h; original w=8, h=32) and its parameter count as a "
         "fraction of the original: "
-        + "; ".join(
-            f"{b:.0%}: w={r['shape'][0]}, h={r['shape'][1]}, {r['params'] / original:.1%}"
-            for b, r in zip(budgets, narrow, strict=True)
-        )
+        + "; ".join(f"{b:.0%}: w={r['shape'][0]}, h={r['shape'][1]}, {r['params'] / original:.1%}" for b, r in narrow)
         + " (npas_fx models hit the budget exactly).",
     ]
     for s in LEARNED:
@@ -241,24 +246,32 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 3 budgets (smoke run)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--strategies", nargs="+", choices=("dense", "narrow", *STRATEGIES), help="only these rows")
+    parser.add_argument("--budgets", nargs="+", type=float, help="only these budgets, e.g. 0.05 0.1 0.25")
+    parser.add_argument("--hash-chunk", type=int, help="GeneratorConfig.hash_chunk (1: per-element hashing)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: one intra-op thread is fastest and repeatable
-    budgets = (0.05, 1.0, 4.0) if args.quick else BUDGETS
+    budgets = tuple(args.budgets) if args.budgets else (0.05, 1.0, 4.0) if args.quick else BUDGETS
     seeds, epochs = (1, 2) if args.quick else (args.seeds, args.epochs)
+    config = (
+        npas_fx.GeneratorConfig() if args.hash_chunk is None else npas_fx.GeneratorConfig(hash_chunk=args.hash_chunk)
+    )
     data = load_digits_split(seed=0)
     original = npas_fx.count_parameters(ResidualDigitsCNN())
     configs = [("dense", 1.0)] + [(k, b) for b in budgets for k in ("narrow", *STRATEGIES)]
+    if args.strategies:  # a filtered run prints its rows and writes nothing
+        configs = [(k, b) for k, b in configs if k in args.strategies]
     results: dict = {}
     start = time.perf_counter()
     for n, (key, budget) in enumerate(configs, 1):
-        runs = [run_one(data, key, budget, seed, epochs) for seed in range(seeds)]
+        runs = [run_one(data, key, budget, seed, epochs, config) for seed in range(seeds)]
         results[(key, budget)] = runs
         accs = ", ".join(f"{r['acc']:.3f}" for r in runs)
         print(f"[{n}/{len(configs)} {time.perf_counter() - start:6.0f}s] {key:<7} {budget:>5.0%}: {accs}", flush=True)
     seconds = time.perf_counter() - start
     text = table(results, budgets, original, seeds, epochs, seconds)
     print("\n" + text)
-    if not args.quick:
+    if not args.quick and not args.strategies and not args.budgets and args.hash_chunk is None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "accuracy.md").write_text(text + "\n", encoding="utf-8")
         plot(results, budgets, args.out / "accuracy.png")

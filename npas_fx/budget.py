@@ -51,6 +51,8 @@ class GeneratorConfig:
         embedding_dim: size of the per-layer embedding of ``"emb"`` (SSN used 24).
         normalize: ``"none"`` or ``"softmax"``: how ``"emb"`` coefficients are normalised
             (SSN's mapping search uses softmax so that layers' coefficients are comparable).
+        hash_chunk: contiguous weights per hashed block of ``"hash"`` (ROAST): one hash per
+            block, which reads a contiguous bank range. ``1`` is per-element HashedNets.
 
     Example:
         >>> GeneratorConfig(upsample="repeat").upsample
@@ -62,6 +64,7 @@ class GeneratorConfig:
     max_templates: int = 8
     embedding_dim: int = 24
     normalize: str = "none"
+    hash_chunk: int = 64
 
     def __post_init__(self) -> None:
         if self.downsample not in DOWNSAMPLERS:
@@ -74,6 +77,10 @@ class GeneratorConfig:
             raise ValueError(f"`embedding_dim` should be an integer >= 1, got {self.embedding_dim!r}.")
         if self.normalize not in NORMALIZERS:
             raise ValueError(f"`normalize` should be one of {NORMALIZERS}, got {self.normalize!r}.")
+        if isinstance(self.hash_chunk, bool) or not isinstance(self.hash_chunk, int) or self.hash_chunk < 1:
+            raise ValueError(
+                f"`hash_chunk` should be an integer >= 1 (1 = per-element hashing), got {self.hash_chunk!r}."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -120,7 +120,7 @@ def _layer_plans(
             share = position / len(members)  # staggered start inside the group's bank
             fields: dict[str, Any] = {"templates": k}
             if grouping.force == "hash" or (k == 0 and config.upsample == "hash"):
-                fields.update(generator="hash", salt=i)
+                fields.update(generator="hash", salt=i, chunk=config.hash_chunk)
             elif k == 0 and config.upsample == "interpolate":
                 rows, cols = interpolation_grid(info.shape, size)
                 fields.update(

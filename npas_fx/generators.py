@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import _MASK32, hash_rows, hashed_blocks, masked_tile, skew_tile
 from .runtime import CACHE_ATTR, generate_cached
 
 __all__ = [
@@ -58,6 +59,10 @@ class WeightGenerator(nn.Module):
         state = self.__dict__.copy()
         state.pop(CACHE_ATTR, None)  # a cached weight is derived data: never saved or copied
         return state
+
+    def _scaled(self, bank: Tensor) -> Tensor:
+        # The gain scales the small bank, not the large output (the same values: one multiply each).
+        return bank * self.gain if self.gain != 1.0 else bank
 
     def _finish(self, flat: Tensor) -> Tensor:
         # A gain of exactly 1 (copied weights) skips the multiply so copies stay bit-exact.
@@ -158,40 +163,13 @@ class EmbeddingMix(WeightGenerator):
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
 
 
-# Constants of a 32-bit integer hash (lowbias32); every product stays below 2**63 because the
-# state is masked to 32 bits before each multiplication.
-_MASK32 = 0xFFFFFFFF
-_HASH_MUL_1 = 0x7FEB352D
-_HASH_MUL_2 = 0x846CA68B
-
-
-def _mix32(x: Tensor) -> Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL_1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _HASH_MUL_2) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _tile(bank: Tensor, numel: int, offset: int) -> Tensor:
-    """``bank`` repeated to ``numel`` values from ``offset``, copy ``c`` rotated by ``c`` places.
-
-    ``t[j] = bank[(k + c) mod P]`` for ``j + offset = c * P + k``. Plain tiling makes every row
-    identical whenever ``P`` divides the row length (a 10-class head tiled from 16 values has
-    rank 1); the skew keeps rows apart. (Rotating copies by hashed amounts instead scored lower on
-    the digits benchmark at 25 %: 87 % against 97 %.)
-    """
-    size = bank.numel()
-    # One gather, O(numel): gathering rotated views of the bank instead would make autograd
-    # materialise a (P + 1, P) gradient, quadratic in the bank size.
-    position = torch.arange(offset, offset + numel, device=bank.device)
-    return bank[torch.remainder(position + torch.div(position, size, rounding_mode="floor"), size)]
-
-
 class Repeat(WeightGenerator):
-    """Upsampling by tiling: ``w = gain * tile(bank, offset)``, the copies rotated (see ``_tile``).
+    """Upsampling by tiling: ``w = gain * tile(bank, offset)``, the copies rotated.
 
+    ``t[j] = bank[(k + c) mod P]`` for ``j + offset = c * P + k`` (:func:`~npas_fx.kernels.skew_tile`,
+    one write of the weight). Plain tiling makes every row identical whenever ``P`` divides the row
+    length (a 10-class head tiled from 16 values has rank 1); the skew keeps rows apart. (Rotating
+    copies by hashed amounts instead scored lower on the digits benchmark at 25 %: 87 % against 97 %.)
     Layers of one group start at staggered offsets so that equal shapes get different weights.
 
     Example:
@@ -206,7 +184,7 @@ class Repeat(WeightGenerator):
         self.offset = int(offset)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return self._finish(_tile(bank, self.numel, self.offset))
+        return skew_tile(self._scaled(bank), self.numel, self.offset).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}"
@@ -263,7 +241,8 @@ class Mask(WeightGenerator):
     """Upsampling by tiling with a learned mask per output row (SSN ``mask``).
 
     ``w[o, :] = gain * m_o * tile(bank, offset)[o, :]``; ``m`` starts at random signs so that the
-    copies of the bank differ from the first step.
+    copies of the bank differ from the first step. (The gain scales the bank before the mask: equal
+    to ``(tile * m) * gain`` up to one rounding.)
 
     Example:
         >>> gen = Mask((2, 3))
@@ -280,37 +259,61 @@ class Mask(WeightGenerator):
         self.mask = nn.Parameter(signs)
 
     def forward(self, bank: Tensor) -> Tensor:
-        tiled = _tile(bank, self.numel, self.offset).view(self.shape[0], -1)
-        return self._finish((tiled * self.mask.to(bank.dtype).unsqueeze(1)).reshape(-1))
+        return masked_tile(self._scaled(bank), self.mask.to(bank.dtype), self.numel, self.offset).view(self.shape)
 
 
 class Hash(WeightGenerator):
-    """HashedNets-style generation: ``w[j] = gain * s(j) * bank[h(j) mod P]``.
+    """Hashed sharing: block ``b`` of ``chunk`` weights is ``gain * s(b) * (a hashed bank range)``.
 
-    ``h`` and the sign ``s`` are integer hashes of the position ``j`` and a per-layer ``salt``,
-    recomputed in every forward instead of stored as a full-size index tensor.
+    ``chunk=1`` is per-element HashedNets (Chen et al. 2015): ``w[j] = gain * s(j) * bank[h(j) mod P]``,
+    the format of plans without a ``chunk``. ``chunk > 1`` is ROAST-style (Desai et al. 2022): the
+    flattened weight is cut into blocks of ``chunk`` contiguous values, the bank into slots of
+    ``chunk`` contiguous values (the last one wrapping to the start), and each block reads one slot
+    times a hashed sign; blocks take slots in rounds, each round a hashed permutation of the slots,
+    so a layer at least as large as its bank reads every bank value (see
+    :func:`~npas_fx.kernels.hash_rows`). Hashes depend on the position and a per-layer ``salt``.
+    Given the ``bank_size``, the one index per block is computed once into a non-persistent buffer
+    ``rows`` (int32 when it fits: ``4 * ceil(numel / chunk)`` bytes), otherwise at every forward.
 
     Example:
         >>> gen = Hash((3, 4), salt=7)
         >>> bool((gen(torch.ones(5)).abs() == 1).all())
         True
+        >>> Hash((3, 4), salt=7, chunk=4, bank_size=5).rows.shape
+        torch.Size([3])
     """
 
     kind = "hash"
 
-    def __init__(self, shape: Sequence[int], salt: int, gain: float = 1.0) -> None:
+    def __init__(
+        self, shape: Sequence[int], salt: int, gain: float = 1.0, chunk: int = 1, bank_size: int | None = None
+    ) -> None:
         super().__init__(shape, gain)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"`chunk` should be an integer >= 1, got {chunk!r}.")
+        if bank_size is not None and (isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 1):
+            raise ValueError(f"`bank_size` should be an integer >= 1 or None, got {bank_size!r}.")
         self.salt = int(salt) & _MASK32
+        self.chunk = chunk
+        self.bank_size = bank_size
+        rows = None if bank_size is None else hash_rows(self.numel, chunk, self.salt, bank_size)
+        self.register_buffer("rows", rows, persistent=False)
 
     def forward(self, bank: Tensor) -> Tensor:
-        position = torch.arange(self.numel, device=bank.device, dtype=torch.int64)
-        h = _mix32(position + self.salt * 0x9E3779B1)
-        index = torch.remainder(h, bank.numel())
-        sign = ((_mix32(h + 0x68E31DA4) & 1) * 2 - 1).to(bank.dtype)
-        return self._finish(bank[index] * sign)
+        size = bank.numel()
+        if self.rows is None:
+            rows = hash_rows(self.numel, self.chunk, self.salt, size, bank.device)
+        elif size != self.bank_size:
+            raise ValueError(
+                f"this hash generator was built for a bank of {self.bank_size} values, got {size}; "
+                "build it with the bank's size (or bank_size=None to hash at every forward)."
+            )
+        else:
+            rows = self.rows
+        return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, salt={self.salt}"
+        return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"
 
 
 GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash", "superweight")

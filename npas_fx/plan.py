@@ -48,6 +48,7 @@ class LayerPlan:
     salt: int = 0
     block: tuple[int, ...] = ()  # superweight: the group's base SuperWeight shape
     coefficient_set: int = 0  # superweight: layers of a group with equal sets share coefficients
+    chunk: int = 1  # hash: weights per hashed block (1 = per element, the format of older plans)
 
     @property
     def numel(self) -> int:

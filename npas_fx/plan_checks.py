@@ -107,6 +107,7 @@ def _check_layer(layer: Any, field: str, banks: Mapping[int, int]) -> None:
     for name in ("templates", "offset", "overhead", "coefficient_set"):
         _int(getattr(layer, name), f"{field}.{name}")
     _int(layer.salt, f"{field}.salt", None)
+    _int(getattr(layer, "chunk", 1), f"{field}.chunk", 1)  # hash: contiguous weights per hashed block
     gain = layer.gain
     if isinstance(gain, bool) or not isinstance(gain, numbers.Real) or not math.isfinite(gain):
         raise _fail(f"{field}.gain", gain, "should be a finite number")

@@ -51,9 +51,16 @@ class GroupBank(nn.Module):
 
 
 def make_generator(
-    layer: LayerPlan, embedding_dim: int, normalize: str = "none", layout: SuperWeightLayout | None = None
+    layer: LayerPlan,
+    embedding_dim: int,
+    normalize: str = "none",
+    layout: SuperWeightLayout | None = None,
+    bank_size: int | None = None,
 ) -> WeightGenerator:
-    """The generator module a :class:`LayerPlan` describes (``layout``: its SuperWeight group's)."""
+    """The generator module a :class:`LayerPlan` describes (``layout``: its SuperWeight group's).
+
+    ``bank_size`` (the group's) lets ``hash`` compute its block indices once instead of every forward.
+    """
     kind = layer.generator
     if kind == "superweight":
         if layout is None:
@@ -71,7 +78,7 @@ def make_generator(
     if kind == "mask":
         return Mask(layer.shape, layer.offset, layer.gain)
     if kind == "hash":
-        return Hash(layer.shape, layer.salt, layer.gain)
+        return Hash(layer.shape, layer.salt, layer.gain, chunk=layer.chunk, bank_size=bank_size)
     raise ValueError(f"unknown generator {kind!r} for layer {layer.name!r}")
 
 
@@ -91,8 +98,12 @@ class SharedParameters(nn.Module):
             if group.index in layouts:  # SuperWeight coefficients belong to the group: sets span layers
                 for name, param in layouts[group.index].coefficient_parameters().items():
                     self.groups[f"g{group.index}"].register_parameter(name, param)
+        sizes = {g.index: g.bank_size for g in groups}
         self.generators = nn.ModuleDict(
-            {f"l{i}": make_generator(x, embedding_dim, normalize, layouts.get(x.group)) for i, x in enumerate(layers)}
+            {
+                f"l{i}": make_generator(x, embedding_dim, normalize, layouts.get(x.group), sizes[x.group])
+                for i, x in enumerate(layers)
+            }
         )
         self.layer_groups = [x.group for x in layers]
 

@@ -1,0 +1,338 @@
+"""O(numel) kernels behind the tiling and hashing generators (DESIGN.md section 7).
+
+The floor for a generated weight is one write of its size in forward and one read in backward.
+Both kernels here reach it without integer index tensors over the weight:
+
+* :func:`skew_tile` (``repeat``): copy ``c`` of the bank rotated by ``c`` places. Copy ``c`` is
+  the window ``bb[c mod P : c mod P + P]`` of the doubled bank ``bb = [bank, bank]``, so the rows
+  are strided views of ``bb`` (``unfold``: a ``P x P`` circulant, repeated when there are more
+  copies than ``P``) copied once into the output. Backward sums the gradient's rows that read the
+  same circulant row (a reshape and a sum), un-skews the ``P x P`` (or smaller) remainder (shifted
+  adds), then folds the doubled bank back onto the bank. :func:`masked_tile` (``mask``) scales
+  the rows in place and recomputes the tiles in backward.
+* :func:`hashed_blocks` (``hash``): ROAST-style chunks. Block ``b`` of ``chunk`` contiguous weights
+  reads one slot (``chunk`` contiguous values) of the bank times a sign: one row of the signed slot
+  table ``[ext, -ext]`` (the bank wrapped to whole slots), gathered with ``index_select`` by one
+  index per block. Backward scatter-adds whole rows of the gradient into that table (one
+  ``index_add_``, one index per block) and folds it back onto the bank. With ``chunk=1`` a slot
+  is one value: per-element HashedNets hashing.
+
+Example:
+    >>> import torch
+    >>> skew_tile(torch.tensor([1.0, 2.0, 3.0]), 7, 0).tolist()
+    [1.0, 2.0, 3.0, 2.0, 3.0, 1.0, 3.0]
+    >>> rows = torch.tensor([1, 2])  # 2 slots [1, 2], [3, 1]: block 0 reads slot 1, block 1 -slot 0
+    >>> hashed_blocks(torch.tensor([1.0, 2.0, 3.0]), rows, 4, 2).tolist()
+    [3.0, 1.0, -1.0, -2.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["skew_tile", "masked_tile", "hashed_blocks", "hash_rows", "slot_count"]
+
+# Constants of a 32-bit integer hash (lowbias32, a bijection on 32-bit integers); every product
+# stays below 2**63 because the state is masked to 32 bits before each multiplication.
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x846CA68B
+_SALT_MUL = 0x9E3779B1
+_SIGN_SALT = 0x68E31DA4
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL_1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_MUL_2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _extend(bank: Tensor, length: int) -> Tensor:
+    """``bank`` tiled to ``length`` values: ``x[i] = bank[i mod P]`` (a view when no wrap is needed)."""
+    size = bank.numel()
+    if length <= size:
+        return bank.narrow(0, 0, length)
+    copies, rest = divmod(length, size)
+    parts = [bank] * copies + ([bank.narrow(0, 0, rest)] if rest else [])
+    return torch.cat(parts)
+
+
+def _fold(values: Tensor, size: int) -> Tensor:
+    """Adjoint of :func:`_extend`: ``out[p] = sum of values[i] over i = p mod size``."""
+    length = values.numel()
+    if length == size:
+        return values
+    if length > 4 * size:  # a tiny bank: pad to whole copies and sum them
+        pad = -length % size
+        if pad:
+            values = torch.cat([values, values.new_zeros(pad)])
+        return values.view(-1, size).sum(0)
+    out = values.narrow(0, 0, size).clone()  # the usual wrap: add the (at most 3) further copies
+    for start in range(size, length, size):
+        count = min(size, length - start)
+        out.narrow(0, 0, count).add_(values.narrow(0, start, count))
+    return out
+
+
+# ---- skewed tiling ------------------------------------------------------------------------------
+class _TileLayout(NamedTuple):
+    """How ``numel`` values from ``offset`` split into copies of a ``P``-value bank.
+
+    ``head`` values of copy 0 (from ``offset``), then ``rows`` full copies 1..rows (``blocks``
+    whole circulants of ``P`` rows, then ``extra`` rows), then ``tail`` values of copy ``rows + 1``.
+    ``length``: how many values of the doubled bank are read.
+    """
+
+    size: int
+    offset: int
+    head: int
+    rows: int
+    blocks: int
+    extra: int
+    tail: int
+    tail_start: int
+    length: int
+
+
+def _tile_layout(size: int, numel: int, offset: int) -> _TileLayout:
+    head = min(numel, size - offset)
+    rows, tail = divmod(numel - head, size)
+    blocks, extra = divmod(rows, size)
+    tail_start = (rows + 1) % size
+    length = max(offset + head, size + min(rows, size) if rows else 0, tail_start + tail)
+    return _TileLayout(size, offset, head, rows, blocks, extra, tail, tail_start, length)
+
+
+def _circulant(doubled: Tensor, size: int) -> Tensor:
+    """``(min(rows, P), P)`` view: row ``r`` is copy ``r + 1``, the window ``doubled[r + 1 : r + 1 + P]``."""
+    return doubled.narrow(0, 1, doubled.numel() - 1).unfold(0, size, 1)
+
+
+def _unskew_add(out: Tensor, rows: Tensor, group: int = 64) -> None:
+    """``out[r + k] += rows[r, k]`` for the ``(R, P)`` ``rows``: the adjoint of ``unfold(0, P, 1)``.
+
+    A few rows: one add each. Many: groups of ``group`` rows, each shifted by padding every row
+    with ``group`` zeros and reading the flat buffer with rows one value shorter (row ``r`` then
+    starts ``r`` places later), summed, then added. ``aten.unfold_backward`` measured 5x slower.
+    """
+    count, size = rows.shape
+    if count <= 32:
+        for r in range(count):
+            out.narrow(0, r, size).add_(rows[r])
+        return
+    for start in range(0, count, group):
+        part = rows.narrow(0, start, min(group, count - start))
+        k = part.shape[0]
+        padded = torch.cat([part, part.new_zeros(k, k)], dim=1)  # (k, P + k)
+        shifted = padded.view(-1).narrow(0, 0, k * (size + k - 1)).view(k, size + k - 1)  # row r moved by r
+        out.narrow(0, start, size + k - 1).add_(shifted.sum(0))
+
+
+def _tile(bank: Tensor, lay: _TileLayout) -> Tensor:
+    """The skewed tiles of ``bank`` (see :func:`skew_tile`), written once into a new tensor."""
+    doubled = _extend(bank, lay.length)  # doubled[i] = bank[i mod P]
+    size, start = lay.size, lay.head
+    out = bank.new_empty(lay.head + lay.rows * size + lay.tail)
+    out.narrow(0, 0, lay.head).copy_(doubled.narrow(0, lay.offset, lay.head))
+    if lay.rows:
+        circulant = _circulant(doubled, size)  # (R, P) strided view, R = min(rows, P)
+        if lay.blocks:  # more copies than P: the circulant repeats
+            whole = out.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size)
+            whole.copy_(circulant.expand(lay.blocks, size, size))
+            start += lay.blocks * size * size
+        if lay.extra:
+            out.narrow(0, start, lay.extra * size).view(lay.extra, size).copy_(circulant[: lay.extra])
+            start += lay.extra * size
+    if lay.tail:
+        out.narrow(0, start, lay.tail).copy_(doubled.narrow(0, lay.tail_start, lay.tail))
+    return out
+
+
+def _tile_backward(grad: Tensor, lay: _TileLayout) -> Tensor:
+    """The bank's gradient from the tiles' ``grad``: the adjoint of :func:`_tile`."""
+    size, start = lay.size, lay.head
+    doubled = grad.new_zeros(lay.length)
+    doubled.narrow(0, lay.offset, lay.head).add_(grad.narrow(0, 0, lay.head))
+    if lay.rows:
+        rows = None  # (R, P): the gradient of each circulant row, copies that read it summed
+        if lay.blocks:
+            rows = grad.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size).sum(0)
+            start += lay.blocks * size * size
+        if lay.extra:
+            extra = grad.narrow(0, start, lay.extra * size).view(lay.extra, size)
+            rows = extra if rows is None else torch.cat([rows[: lay.extra] + extra, rows[lay.extra :]])
+            start += lay.extra * size
+        _unskew_add(doubled.narrow(0, 1, rows.shape[0] + size - 1), rows)
+    if lay.tail:
+        doubled.narrow(0, lay.tail_start, lay.tail).add_(grad.narrow(0, start, lay.tail))
+    return _fold(doubled, size)
+
+
+class _SkewTile(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, bank: Tensor, numel: int, offset: int) -> Tensor:
+        ctx.layout = _tile_layout(bank.numel(), numel, offset)
+        return _tile(bank, ctx.layout)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _tile_backward(grad, ctx.layout), None, None
+
+
+class _MaskedTile(torch.autograd.Function):
+    """``tile(bank).view(R, -1) * mask[:, None]`` in one tensor: the tiles are multiplied in place and
+    recomputed in backward, so the unmasked tiles are never kept (half the memory of two ops)."""
+
+    @staticmethod
+    def forward(ctx: Any, bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
+        ctx.layout = _tile_layout(bank.numel(), numel, offset)
+        ctx.save_for_backward(bank, mask)
+        out = _tile(bank, ctx.layout)
+        out.view(mask.shape[0], -1).mul_(mask.unsqueeze(1))  # (R, C) *= (R, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        bank, mask = ctx.saved_tensors
+        rows = grad.view(mask.shape[0], -1)  # (R, C)
+        tiles = _tile(bank, ctx.layout).view_as(rows)  # recomputed: cheaper than keeping them
+        grad_mask = tiles.mul_(rows).sum(1)  # row-wise dot products (bmm measured 5x slower)
+        grad_bank = _tile_backward((rows * mask.unsqueeze(1)).view(-1), ctx.layout)
+        return grad_bank, grad_mask, None, None
+
+
+def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
+    """:func:`skew_tile` with row ``o`` of its ``(len(mask), -1)`` view multiplied by ``mask[o]``.
+
+    Example:
+        >>> masked_tile(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -1.0]), 4, 0).tolist()
+        [1.0, 2.0, -3.0, -2.0]
+    """
+    size = bank.numel()
+    if not 0 <= offset < size:
+        raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
+    if numel % mask.numel():
+        raise ValueError(f"`mask` of {mask.numel()} rows should divide the {numel} values.")
+    return _MaskedTile.apply(bank, mask, numel, offset)
+
+
+def skew_tile(bank: Tensor, numel: int, offset: int) -> Tensor:
+    """``numel`` values of the bank's rotated copies from ``offset`` (``0 <= offset < P``).
+
+    ``t[j] = bank[(k + c) mod P]`` for ``j + offset = c * P + k``: copy ``c`` rotated by ``c`` places.
+    One write of ``numel`` values forward, one read backward. Without a wrap it is a view.
+
+    Example:
+        >>> skew_tile(torch.arange(4.0), 6, 3).tolist()
+        [3.0, 1.0, 2.0, 3.0, 0.0, 2.0]
+    """
+    size = bank.numel()
+    if not 0 <= offset < size:
+        raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
+    if offset + numel <= size:
+        return bank.narrow(0, offset, numel)
+    return _SkewTile.apply(bank, numel, offset)
+
+
+# ---- chunked hashing ----------------------------------------------------------------------------
+def slot_count(size: int, chunk: int) -> int:
+    """Slots of ``chunk`` values a ``size``-value bank is cut into (the last one wraps to the start)."""
+    return -(-size // chunk)
+
+
+class _HashBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
+        size = bank.numel()
+        slots = slot_count(size, chunk)
+        extended = _extend(bank, slots * chunk)  # the last slot wraps around to the bank's start
+        table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
+        ctx.save_for_backward(rows)
+        ctx.shape = (size, chunk, numel)
+        if chunk == 1:  # one value per row: the 1-D gather is the fast one
+            table = table.view(-1)
+        out = torch.index_select(table, 0, rows).view(-1)  # (blocks * chunk,): one row per block
+        return out if out.numel() == numel else out.narrow(0, 0, numel)  # the last block may be partial
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (rows,) = ctx.saved_tensors
+        size, chunk, numel = ctx.shape
+        slots = slot_count(size, chunk)
+        table = grad.new_zeros(2 * slots, chunk)
+        full = numel // chunk
+        if chunk == 1:  # one value per row: the 1-D scatter is the fast one
+            table.view(-1).index_add_(0, rows, grad)
+        elif full:  # scatter-add whole rows: one index per block, no index per weight
+            table.index_add_(0, rows.narrow(0, 0, full), grad.narrow(0, 0, full * chunk).view(full, chunk))
+        if chunk > 1 and numel > full * chunk:
+            last = torch.cat(
+                [grad.narrow(0, full * chunk, numel - full * chunk), grad.new_zeros((full + 1) * chunk - numel)]
+            )
+            table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
+        signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
+        return _fold(signed.view(-1), size), None, None, None
+
+
+def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
+    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed slot table.
+
+    The bank, wrapped to ``m * chunk`` values (``m`` = :func:`slot_count`), is cut into ``m`` slots
+    of ``chunk`` contiguous values; row ``s < m`` of the table is slot ``s``, row ``m + s`` its
+    negation. ``rows`` holds ``ceil(numel / chunk)`` indices. One write of ``numel`` values forward,
+    one row-wise scatter-add backward.
+
+    Example:
+        >>> hashed_blocks(torch.tensor([1.0, 2.0]), torch.tensor([1, 2, 0]), 3, 1).tolist()
+        [2.0, -1.0, 1.0]
+    """
+    blocks = -(-numel // chunk)
+    if rows.shape != (blocks,):
+        raise ValueError(f"`rows` should hold {blocks} block indices for {numel} values in chunks of {chunk}.")
+    return _HashBlocks.apply(bank, rows, numel, chunk)
+
+
+def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:
+    """The row of the signed slot table (:func:`hashed_blocks`) that each block of ``chunk`` reads.
+
+    ``h(b) = mix32(b + salt * 0x9E3779B1)`` for block ``b``; the sign is ``+1`` when bit 0 of
+    ``mix32(h(b) + 0x68E31DA4)`` is set. ``chunk=1``: the slot is ``h(b) mod P`` (per-element
+    HashedNets, the formula of plans without a chunk). ``chunk > 1``: blocks take the ``m`` slots in
+    rounds of ``m`` blocks, round ``t`` in the order of ``argsort(h)`` over its blocks (a hashed
+    permutation, ``h`` being a bijection); a partial last block takes the last, shortest slot. So a
+    layer with ``numel >= P`` reads every bank value, and bank values are read evenly.
+
+    Example:
+        >>> hash_rows(4, 1, salt=7, bank_size=5).tolist()
+        [4, 5, 2, 3]
+        >>> sorted(hash_rows(8, 2, salt=7, bank_size=8).remainder(4).tolist())  # every slot once
+        [0, 1, 2, 3]
+    """
+    size = bank_size
+    slots = slot_count(size, chunk)
+    blocks = -(-numel // chunk)
+    rounds = -(-blocks // slots)
+    position = torch.arange(rounds * slots if chunk > 1 else blocks, device=device, dtype=torch.int64)
+    # (b + S) & M == (b + (S & M)) & M: masking the salt's product first keeps it below 2**63.
+    h = _mix32(position + ((salt * _SALT_MUL) & _MASK32))
+    if chunk == 1:
+        slot = torch.remainder(h, size)
+    else:
+        slot = torch.argsort(h.view(rounds, slots), dim=1).view(-1).narrow(0, 0, blocks)
+        if numel % chunk and slots > 1:  # the partial last block swaps slots with the shortest one
+            first = (blocks - 1) // slots * slots
+            last_round = slot.narrow(0, first, blocks - first)
+            swapped = torch.where(last_round == slots - 1, slot.narrow(0, blocks - 1, 1), last_round)
+            slot = torch.cat(
+                [slot.narrow(0, 0, first), swapped.narrow(0, 0, blocks - first - 1), slot.new_full((1,), slots - 1)]
+            )
+        h = h.narrow(0, 0, blocks)
+    negative = 1 - (_mix32(h + _SIGN_SALT) & 1)
+    rows = slot + slots * negative
+    return rows.to(torch.int32) if 2 * slots < 2**31 else rows
