@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from .budget import Allocation, GeneratorConfig, allocate
 from .generators import interpolation_grid
+from .inference import install_fast_eval
 from .passes.collect_params import ParamInfo, collect_params
 from .passes.insert_generators import GeneratorCall, insert_generators
 from .passes.trace import TraceResult
@@ -338,6 +339,8 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
     }
     insert_generators(gm, calls)
     attach_runtime(gm, shared, [p.aliases for p in generated], traced.root, traced.prefix)
+    if traced.root is not None:
+        install_fast_eval(gm)
     gm.meta[PLAN_KEY] = plan  # what deepcopy keeps
     setattr(gm, PLAN_KEY, plan)  # what pickling keeps
     setattr(shared, PLAN_KEY, plan)  # what deepcopy then pickling keeps

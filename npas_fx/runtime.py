@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -192,10 +193,21 @@ def generate_cached(generator: nn.Module, inputs: tuple[Tensor, ...], compute: A
     return value
 
 
+def explicit_cache_active() -> bool:
+    """Whether this thread is inside :func:`cached`."""
+    return _EXPLICIT.depth > 0
+
+
+# The banks' module of a compiled model -> its fast-eval runner (see npas_fx.inference), which
+# holds the cached weights too. Weak: a runner never keeps a model alive.
+RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def clear_cache(module: nn.Module) -> None:
     """Drop the eval-mode weights cached under ``module`` (they are rebuilt on demand)."""
     for sub in module.modules():
         sub.__dict__.pop(CACHE_ATTR, None)
+        RUNNERS.pop(sub, None)
 
 
 @contextlib.contextmanager

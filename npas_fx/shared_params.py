@@ -108,7 +108,7 @@ class SharedParameters(nn.Module):
         self.layer_groups = [x.group for x in layers]
 
     def train(self, mode: bool = True) -> SharedParameters:
-        clear_cache(self)  # cached eval weights are only valid until training can change the banks
+        clear_cache(self)  # cached eval weights (and the fast-eval runner) only last until training
         return super().train(mode)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SharedParameters:
