@@ -46,7 +46,12 @@ class _FastEvalCall:
         self.wrapped = wrapped
 
     def __call__(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        runner = None if torch.compiler.is_compiling() else _runner(gm)
+        if torch.compiler.is_compiling():
+            # What torch.fx's own wrapper does, minus its error formatting, which dynamo skips.
+            if getattr(self.wrapped, "cls_call", None) is None:
+                return nn.Module.__call__(gm, *args, **kwargs)
+            return self.wrapped.cls_call(gm, *args, **kwargs)
+        runner = _runner(gm)
         if runner is not None:
             return runner(*args, **kwargs)
         return self.wrapped(gm, *args, **kwargs)
