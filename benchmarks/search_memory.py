@@ -31,11 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.rss import peak_rss_mib, reset_peak, rss_mib  # noqa: E402
 
 
-def bert_config(layers: int) -> object:
+def bert_config(layers: int, dropout: float = 0.1) -> object:
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
 
 
@@ -83,13 +89,29 @@ def measure_similarity(layers: int) -> dict:
     }
 
 
-def measure_swn(layers: int, steps: int) -> dict:
+class MaskedLMLoss(torch.nn.Module):
+    """``BertForMaskedLM`` inside a root that traces (the transformer one leaf), returning its loss.
+
+    Without dropout: a partial trace is kept only if it reproduces the model's outputs.
+    """
+
+    def __init__(self, layers: int) -> None:
+        from transformers import BertForMaskedLM
+
+        super().__init__()
+        self.bert = BertForMaskedLM(bert_config(layers, dropout=0.0))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, labels=labels).loss
+
+
+def measure_swn(layers: int, steps: int, wrapped: bool) -> dict:
     from transformers import BertForMaskedLM
 
     import npas_fx
 
     torch.manual_seed(0)
-    model = BertForMaskedLM(bert_config(layers))
+    model = MaskedLMLoss(layers) if wrapped else BertForMaskedLM(bert_config(layers))
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):
@@ -103,7 +125,7 @@ def measure_swn(layers: int, steps: int) -> dict:
         model,
         0.1,
         strategy="swn",
-        example_inputs={"input_ids": batches[0]["input_ids"]},
+        example_inputs=batches[0] if wrapped else {"input_ids": batches[0]["input_ids"]},
         data=batches,
         search_steps=steps,
         options={"grad_batches": 1, "refine_steps": 1, "progress": False},
@@ -118,14 +140,15 @@ def measure_swn(layers: int, steps: int) -> dict:
     }
 
 
-def child(kind: str, layers: int, steps: int) -> None:
+def child(kind: str, layers: int, steps: int, wrapped: bool) -> None:
     torch.set_num_threads(1)
-    result = measure_similarity(layers) if kind == "similarity" else measure_swn(layers, steps)
+    result = measure_similarity(layers) if kind == "similarity" else measure_swn(layers, steps, wrapped)
     print(json.dumps(result))
 
 
-def run_child(kind: str, layers: int, steps: int) -> dict:
+def run_child(kind: str, layers: int, steps: int, wrapped: bool = False) -> dict:
     command = [sys.executable, __file__, "--child", kind, "--layers", str(layers), "--steps", str(steps)]
+    command += ["--wrapped"] if wrapped else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} case failed:\n{done.stderr[-4000:]}")
@@ -137,10 +160,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="BERT encoder layers (12 = BERT-base)")
     parser.add_argument("--steps", type=int, default=3, help="swn search steps")
     parser.add_argument("--only", choices=["similarity", "swn"], default=None)
+    parser.add_argument(
+        "--wrapped", action="store_true", help="swn on BertForMaskedLM inside a traced root that returns its loss"
+    )
     parser.add_argument("--child", choices=["similarity", "swn"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.layers, args.steps)
+        child(args.child, args.layers, args.steps, args.wrapped)
         return
     if args.only in (None, "similarity"):
         r = run_child("similarity", args.layers, args.steps)
@@ -153,9 +179,10 @@ def main() -> None:
             f"(former padded batch: {r['padded_mib'] / 1024:.1f} GiB)"
         )
     if args.only in (None, "swn"):
-        r = run_child("swn", args.layers, args.steps)
+        r = run_child("swn", args.layers, args.steps, args.wrapped)
+        where = " in a traced root" if args.wrapped else ""
         print(
-            f"swn search, BertForMaskedLM ({args.layers} layers, {r['params']:,} params, "
+            f"swn search, BertForMaskedLM{where} ({args.layers} layers, {r['params']:,} params, "
             f"{r['model_mib']:.0f} MiB), budget {r['budget']:,}, {args.steps} steps:"
         )
         print(
