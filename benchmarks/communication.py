@@ -63,7 +63,7 @@ def bert() -> Case:
 CASES = {"digits CNN": cnn, "tiny transformer": transformer, "BERT (h128, 2 layers)": bert}
 
 
-def counting_hook(state, bucket):  # noqa: ANN001 - DDP checks real annotations; postponed ones are strings
+def counting_hook(state, bucket):  # unannotated: DDP checks real annotations, postponed ones are strings
     """The default all-reduce, counting the bytes of every bucket it sends."""
     state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
     return default_hooks.allreduce_hook(None, bucket)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def global_batch() -> tuple[Tensor, Tensor]:
     return torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, after_step: object = None) -> list[float]:
+def train(model: nn.Module, x: Tensor, y: Tensor, after_step: Callable[[], None] | None = None) -> list[float]:
     """``STEPS`` SGD steps on (x, y); the loss of each step (before its update)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
@@ -77,7 +78,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, after_step: object = None) -> 
     return [float(v) for v in losses]
 
 
-def counting_hook(state, bucket):  # noqa: ANN001 - DDP checks real annotations; postponed ones are strings
+def counting_hook(state, bucket):  # unannotated: DDP checks real annotations, postponed ones are strings
     """The default all-reduce, counting the bytes of every bucket it sends (``state``: ``{"bytes": int}``)."""
     state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
     return default_hooks.allreduce_hook(None, bucket)
@@ -96,7 +97,11 @@ def _rank(rank: int, port: int, mode: str, strategies: tuple[str, ...], out: str
 
 
 def _train_rank(rank: int, mode: str, strategy: str) -> dict:
-    """This rank's training on its half of the global batch: mean losses over ranks, parameters, bytes sent."""
+    """This rank's training on its half of the global batch.
+
+    Returns the mean losses over ranks, the (full) parameters, and ``sent``: DDP's bytes per step,
+    or FSDP2's count of parameter values held by this rank.
+    """
     gm = build(strategy)
     x, y = global_batch()
     half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
@@ -118,6 +123,7 @@ def _train_rank(rank: int, mode: str, strategy: str) -> dict:
 
         fully_shard(gm, mesh=init_device_mesh("cpu", (WORLD,)))
         losses = train(gm, x[half], y[half])
+        sent = [sum(p.to_local().numel() for p in gm.parameters())]  # values this rank holds
         params = {n: p.full_tensor().detach().clone() for n, p in gm.named_parameters()}
     mean = torch.tensor(losses)
     dist.all_reduce(mean)  # the global batch's loss: mean over ranks of equal halves
@@ -185,6 +191,9 @@ def test_ddp_trains_like_one_process_and_all_reduces_exactly_the_budget(trained,
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_fsdp2_trains_like_one_process(trained, strategy):
+def test_fsdp2_shards_and_trains_like_one_process(trained, strategy):
     ranks = trained("fsdp")[strategy]
     assert_matches_single_process(ranks, strategy)
+    budget = single_process(strategy)[2]
+    held = [rank["sent"][0] for rank in ranks]
+    assert sum(held) == budget and max(held) < budget  # every value on one rank, none holds all
