@@ -2,9 +2,11 @@
 
 :func:`cropped_cosine_similarity` compares tensors of different sizes on their common top-left
 block: for every pair ``(i, j)`` both are cropped to ``min`` of their sizes along every dimension
-and the cosine of the crops is taken. All pairs are computed at once: the tensors are zero-padded
-into one batch, so one matrix product gives every cropped inner product (padding adds zeros), and
-2-D prefix sums of the squared entries give every cropped norm (no loop over pairs).
+and the cosine of the crops is taken. Tensors of one shape form a class; for each pair of classes
+the crops (one common shape) are stacked in chunks and one matrix product gives every inner
+product of the chunk pair. Nothing is padded to the largest layer, so memory stays within the
+inputs plus two chunks (``chunk_elements`` float64 values each), however many layers a bin holds
+and however large its largest layer is (an ``Embedding(30522, 768)`` beside 768x768 projections).
 
 :func:`threshold_groups` merges layers whose similarity exceeds a threshold: the groups are the
 connected components of the similarity graph (networkx), so sharing is transitive (a union of the
@@ -22,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import networkx as nx
 import torch
@@ -30,51 +33,61 @@ from torch import Tensor
 
 __all__ = ["cropped_cosine_similarity", "naive_cropped_cosine_similarity", "threshold_groups", "similarity_record"]
 
+CHUNK_ELEMENTS = 2**24  # float64 values per stacked chunk (128 MiB): bounds the pass's extra memory
 
-def cropped_cosine_similarity(tensors: Sequence[Tensor]) -> Tensor:
+
+def cropped_cosine_similarity(tensors: Sequence[Tensor], chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """``(L, L)`` cosine similarities of ``tensors`` (same ndim) on each pair's common top-left block.
 
-    The first two dimensions may differ (rows and columns of a weight); the rest are cropped too.
-    A pair whose crop of either tensor is all zeros has similarity 0; the diagonal is exactly 1.
-    Computed in float64.
+    Every dimension is cropped (rows and columns of a weight, kernel sizes too). A pair whose crop
+    of either tensor is all zeros has similarity 0; the matrix is exactly symmetric with an exact
+    diagonal of 1. Computed in float64, ``chunk_elements`` values per stacked chunk at most (one
+    layer's crop always fits, whatever its size).
     """
     if not tensors:
         return torch.zeros(0, 0, dtype=torch.float64)
     if len({t.dim() for t in tensors}) != 1:
         raise ValueError(f"tensors should have one number of dimensions, got {sorted({t.dim() for t in tensors})}.")
-    count = len(tensors)
-    as2d = [t.detach().double().reshape(t.shape[0], t.shape[1] if t.dim() > 1 else 1, -1) for t in tensors]
-    rest = max(t.shape[2] for t in as2d)
-    if any(t.shape[2] != rest for t in as2d):  # trailing dims differ: crop them to the common block too
-        common = [min(t.shape[d] for t in tensors) for d in range(2, tensors[0].dim())]
-        as2d = [
-            t.detach()
-            .double()[(slice(None), slice(None), *(slice(0, c) for c in common))]
-            .reshape(t.shape[0], t.shape[1], -1)
-            for t in tensors
-        ]
-        rest = as2d[0].shape[2]
-    rows = max(t.shape[0] for t in as2d)
-    cols = max(t.shape[1] for t in as2d)
-    padded = torch.zeros(count, rows, cols, rest, dtype=torch.float64)
-    for i, t in enumerate(as2d):
-        padded[i, : t.shape[0], : t.shape[1]] = t
-    flat = padded.reshape(count, -1)
-    dots = flat @ flat.T  # (L, L): zeros outside each tensor make this the inner product of the crops
-    # energy[i, a, b] = squared norm of tensor i's top-left (a x b) block (2-D prefix sums).
-    energy = torch.zeros(count, rows + 1, cols + 1, dtype=torch.float64)
-    energy[:, 1:, 1:] = padded.pow(2).sum(-1).cumsum(1).cumsum(2)
-    sizes = torch.tensor([[t.shape[0], t.shape[1]] for t in as2d])
-    crop_rows = torch.minimum(sizes[:, None, 0], sizes[None, :, 0])  # (L, L)
-    crop_cols = torch.minimum(sizes[:, None, 1], sizes[None, :, 1])
-    index = torch.arange(count)[:, None].expand(count, count)
-    norm_i = energy[index, crop_rows, crop_cols].sqrt()  # tensor i cropped to pair (i, j)
-    denominator = norm_i * norm_i.T
-    similarity = torch.where(denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots))
+    if chunk_elements < 1:
+        raise ValueError(f"`chunk_elements` should be a positive int, got {chunk_elements!r}.")
+    classes: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        classes.setdefault(tuple(t.shape), []).append(i)
+    shapes = list(classes)
+    similarity = torch.zeros(len(tensors), len(tensors), dtype=torch.float64)
+    for a, shape_a in enumerate(shapes):
+        for shape_b in shapes[a:]:
+            crop = tuple(min(x, y) for x, y in zip(shape_a, shape_b, strict=True))
+            rows = max(1, chunk_elements // max(1, math.prod(crop)))
+            for left_index, left in _cropped_chunks(tensors, classes[shape_a], crop, rows):
+                for right_index, right in _cropped_chunks(tensors, classes[shape_b], crop, rows):
+                    cosines = _cosines(left, right)
+                    similarity[left_index[:, None], right_index[None, :]] = cosines
+                    similarity[right_index[:, None], left_index[None, :]] = cosines.T
     similarity = similarity.clamp(-1.0, 1.0).triu()
-    similarity = similarity + similarity.triu(1).T  # exactly symmetric (the product may round i,j != j,i)
+    similarity = similarity + similarity.triu(1).T  # exactly symmetric (a product may round (i, j) != (j, i))
     similarity.fill_diagonal_(1.0)
     return similarity
+
+
+def _cropped_chunks(
+    tensors: Sequence[Tensor], members: list[int], crop: tuple[int, ...], rows: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(indices, (n, prod(crop)) float64)`` chunks of ``members`` cropped to ``crop`` (one copy, no padding)."""
+    window = tuple(slice(0, c) for c in crop)
+    for start in range(0, len(members), rows):
+        chunk = members[start : start + rows]
+        out = torch.empty(len(chunk), math.prod(crop), dtype=torch.float64)
+        for row, i in enumerate(chunk):
+            out[row].view(crop).copy_(tensors[i].detach()[window])  # copy_ casts to float64 in place
+        yield torch.tensor(chunk, dtype=torch.int64), out
+
+
+def _cosines(left: Tensor, right: Tensor) -> Tensor:
+    """Cosines of every row of ``left`` with every row of ``right``; 0 where either row is all zeros."""
+    dots = left @ right.T
+    denominator = left.norm(dim=1)[:, None] * right.norm(dim=1)[None, :]
+    return torch.where(denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots))
 
 
 def naive_cropped_cosine_similarity(tensors: Sequence[Tensor]) -> Tensor:
