@@ -207,9 +207,10 @@ def _initialise(
     shared: SharedParameters, layers: list[LayerPlan], originals: list[torch.Tensor], calibrate: bool
 ) -> list[LayerPlan]:
     """Give banks and coefficients their start values; return layers with their gains set."""
+    targets = [target_std(o) for o in originals]  # once per layer: each reads the whole weight
     for key, bank in shared.groups.items():
         members = [i for i, x in enumerate(layers) if f"g{x.group}" == key]
-        bank.bank.mul_(sum(target_std(originals[i]) for i in members) / len(members))
+        bank.bank.mul_(sum(targets[i] for i in members) / len(members))
         # Layers mixing the same templates start from orthogonal coefficient vectors (SSN).
         by_k: dict[int, list[int]] = {}
         for i in members:
@@ -231,7 +232,7 @@ def _initialise(
         gain = 1.0
         if not layer.copied:
             produced = wide_std(shared.generate(i)) if layer.numel > 1 else 0.0
-            gain = target_std(originals[i]) / produced if produced > 0 and math.isfinite(produced) else 1.0
+            gain = targets[i] / produced if produced > 0 and math.isfinite(produced) else 1.0
         shared.generators[f"l{i}"].gain = gain
         result.append(replace(layer, gain=gain))
     return result
