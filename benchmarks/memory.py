@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines would interleave with the table
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._C._profiler import _EventType

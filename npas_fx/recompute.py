@@ -43,7 +43,7 @@ import weakref
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["set_recompute", "recompute_enabled", "RecomputeError"]
@@ -211,9 +211,9 @@ def _is_record(hook: Any) -> bool:
 def _generators(gm: nn.Module) -> list[tuple[str, nn.Module]]:
     from .build import PLAN_KEY, SHARED_NAME  # late: build imports this module
 
-    plan = getattr(gm, PLAN_KEY, None)
     shared = getattr(gm, SHARED_NAME, None)
-    if plan is None or shared is None:
+    plan = getattr(shared, PLAN_KEY, None)  # the banks' module keeps the plan through copies and pickling
+    if plan is None:
         raise ValueError(f"{type(gm).__name__} is not a model compiled by npas_fx.compile (it has no plan or banks).")
     return [(f"layer {i} ({layer.name!r})", shared.generators[f"l{i}"]) for i, layer in enumerate(plan.layers)]
 
@@ -222,7 +222,9 @@ def set_recompute(gm: nn.Module, enabled: bool = True) -> nn.Module:
     """Turn recomputation of generated weights in backward on or off for compiled model ``gm``.
 
     Installs (or removes) a forward pre-hook and an always-called forward hook on ``gm`` and a
-    forward hook on each generator; they travel with ``copy.deepcopy`` and pickling. Returns ``gm``.
+    forward hook on each generator. ``copy.deepcopy`` and pickling of a GraphModule drop its own
+    forward hooks, so they are installed again on the copy (a deepcopy hook; a ``__reduce__`` on
+    the class torch.fx makes for this one GraphModule). Returns ``gm``.
 
     Example:
         >>> import torch, npas_fx
@@ -237,12 +239,39 @@ def set_recompute(gm: nn.Module, enabled: bool = True) -> nn.Module:
     _remove(gm._forward_hooks, lambda h: h is _exit, gm._forward_hooks_always_called)
     for _, generator in generators:
         _remove(generator._forward_hooks, _is_record)
+    copy_hooks = gm.__dict__.get("_deepcopy_hooks")
+    if copy_hooks is not None:
+        copy_hooks[:] = [h for h in copy_hooks if h is not _copied]
+    if _own_class(gm) and "__reduce__" in vars(type(gm)):
+        del type(gm).__reduce__
     if enabled:
         gm.register_forward_pre_hook(_enter)
         gm.register_forward_hook(_exit, always_call=True)
         for label, generator in generators:
             generator.register_forward_hook(functools.partial(_record, label))
+        if copy_hooks is not None:
+            copy_hooks.append(_copied)
+        if _own_class(gm):
+            type(gm).__reduce__ = _reduce
     return gm
+
+
+def _own_class(gm: nn.Module) -> bool:
+    """Whether ``gm``'s class is the one torch.fx made for this GraphModule alone (safe to edit)."""
+    return isinstance(gm, fx.GraphModule) and type(gm).__qualname__.endswith("GraphModuleImpl")
+
+
+def _copied(copy: nn.Module) -> None:
+    set_recompute(copy, True)
+
+
+def _reduce(gm: fx.GraphModule) -> tuple:
+    rebuild, args = fx.GraphModule.__reduce__(gm)
+    return (_rebuilt, (rebuild, args))
+
+
+def _rebuilt(rebuild: Any, args: tuple) -> nn.Module:
+    return set_recompute(rebuild(*args), True)
 
 
 def recompute_enabled(gm: nn.Module) -> bool:
