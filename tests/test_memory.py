@@ -126,7 +126,7 @@ def test_saved_bytes_with_recompute_are_below_the_original(name):
 def test_set_recompute_switches_it_off_and_on():
     model, inputs = _model("traced"), _inputs("traced")
     gm = npas_fx.compile(model, 0.1)
-    assert npas_fx.recompute_enabled(gm)  # the default
+    assert npas_fx.recompute_enabled(gm)  # the default below the original's size
     on, _ = saved_bytes(gm, inputs)
     off, _ = saved_bytes(npas_fx.set_recompute(gm, False), inputs)
     assert not npas_fx.recompute_enabled(gm) and off > 2 * on
@@ -298,5 +298,12 @@ def test_the_option_survives_copies_and_is_validated():
         assert npas_fx.recompute_enabled(other)
         assert saved_bytes(other, _inputs("traced"))[0] == saved_bytes(gm, _inputs("traced"))[0]
     assert not npas_fx.recompute_enabled(copy.deepcopy(npas_fx.set_recompute(gm, False)))
-    with pytest.raises(TypeError, match="`recompute` should be True or False"):
+    with pytest.raises(TypeError, match="`recompute` should be True, False or None"):
         npas_fx.compile(_model("traced"), 0.1, recompute="yes")
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(0.1, True), (0.99, True), (1.0, False), (4.0, False)])
+def test_recompute_is_on_by_default_below_the_original_size(budget, expected):
+    model = CASES["mlp"].build()
+    assert npas_fx.recompute_enabled(npas_fx.compile(model, budget)) is expected
+    assert npas_fx.recompute_enabled(npas_fx.compile(model, budget, recompute=not expected)) is not expected
