@@ -151,7 +151,7 @@ def main() -> None:
     torch.manual_seed(0)
     cases = ["transformer-w"] if args.quick else list(CASES)
     budgets = (0.1,) if args.quick else (0.1, 1.0, 4.0)
-    rounds, repeats = (3, 2) if args.quick else (5, 3)
+    rounds, repeats = (3, 2) if args.quick else (7, 3)
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads")
     print("ratios are compiled / original; peak and held: recompute off -> on; time: step time on / off\n")
     header = (

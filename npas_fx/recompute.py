@@ -57,13 +57,14 @@ class RecomputeError(RuntimeError):
 class _Recipe:
     """Generator, inputs and their versions, and the output's layout: enough to make it again."""
 
-    __slots__ = ("label", "generator", "inputs", "versions", "dtype", "size", "stride", "offset", "last")
+    __slots__ = ("label", "generator", "inputs", "versions", "version", "dtype", "size", "stride", "offset", "last")
 
     def __init__(self, label: str, generator: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         self.label = label
         self.generator = generator
         self.inputs = inputs
         self.versions = _versions(generator, inputs)
+        self.version = output._version  # a weight edited in place after generation is not what we would remake
         self.dtype = output.dtype
         self.size, self.stride, self.offset = output.size(), output.stride(), output.storage_offset()
         self.last: weakref.ref | None = None  # the last regenerated weight, reused while alive
@@ -138,7 +139,7 @@ def _pack(tensor: Tensor) -> Any:
             recipe = _STATE.weights.get(StorageWeakRef(tensor.untyped_storage()))
         except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (sparse, subclasses)
             recipe = None
-    if recipe is not None and tensor.dtype == recipe.dtype:
+    if recipe is not None and tensor.dtype == recipe.dtype and tensor._version == recipe.version:
         return _Token(recipe, tensor)
     outer = _STATE.outer  # everything else goes to the hooks that would have seen it without us
     return tensor if outer is None else _Delegated(outer[1], outer[0](tensor))
