@@ -21,7 +21,9 @@ original model in the same process:
   torch's allocator (oneDNN/BLAS scratch space).
 * **held**: the bytes allocated in the forward (and loss) still alive when it returns, from the same
   timeline: what autograd keeps for backward, plus the output.
-* **time**: step time with recompute over step time without (median of alternating rounds).
+* **time**: step time with recompute over step time without: the median over alternating rounds
+  of the ratio of the process's CPU time (``time.process_time``; wall time on a shared machine
+  mostly measures the neighbours).
 
 Each model is compiled with ``recompute=False`` and ``recompute=True`` (``strategy="shape"``);
 ratios are compiled / original. Run: ``python benchmarks/memory.py`` (``--quick``: the
@@ -133,10 +135,10 @@ def measure(step: Step) -> tuple[int, int]:
 
 
 def _timed(step: Callable[[], None], repeats: int) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(repeats):
         step()
-    return (time.perf_counter() - start) / repeats
+    return (time.process_time() - start) / repeats
 
 
 def time_ratio(base: Step, other: Step, rounds: int, repeats: int) -> float:
@@ -151,7 +153,7 @@ def main() -> None:
     torch.manual_seed(0)
     cases = ["transformer-w"] if args.quick else list(CASES)
     budgets = (0.1,) if args.quick else (0.1, 1.0, 4.0)
-    rounds, repeats = (3, 2) if args.quick else (7, 3)
+    rounds, repeats = (5, 2) if args.quick else (9, 2)
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads")
     print("ratios are compiled / original; peak and held: recompute off -> on; time: step time on / off\n")
     header = (
