@@ -333,3 +333,36 @@ def test_a_weight_edited_in_place_in_the_forward_is_kept_not_regenerated():
         grads.append({**_grads(gm), "x": x.grad})  # the input's gradient reads the weight
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key])
+
+
+# ---- generators keep nothing of the weight's size ----------------------------------------------
+@pytest.mark.parametrize(("strategy", "budget"), [("superweight", 2.0), ("superweight", 0.5), ("hash", 0.3)])
+def test_generators_keep_no_tensor_of_their_weights_size(strategy, budget):
+    gm = npas_fx.compile(CASES["attention_block"].build(), budget, strategy=strategy)
+    resident = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+    plan = npas_fx.plan_of(gm)
+    for index, layer in enumerate(plan.layers):
+        kept: dict[int, int] = {}
+
+        def pack(tensor: Tensor, kept: dict[int, int] = kept) -> Tensor:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gm.npas.generate(index)
+        made = {ptr: size for ptr, size in kept.items() if ptr not in resident}  # banks, indices: there anyway
+        assert sum(made.values()) < layer.numel * 4 / 2, (layer.name, made)
+    if strategy == "superweight" and budget > 1:
+        assert any(layer.templates > 1 for layer in plan.layers)  # the mixing path, not plain slices
+
+
+def test_window_mix_gradients():
+    from npas_fx.kernels import window_mix
+
+    source = torch.randn(50, dtype=torch.double, requires_grad=True)
+    mix = torch.randn(7, 3, dtype=torch.double, requires_grad=True)
+    index = torch.tensor([0, 3, 5, 1, 1, 0, 9])
+    assert torch.autograd.gradcheck(lambda s, m: window_mix(s, m, index, 12, 4), (source, mix))
+    assert torch.autograd.gradgradcheck(lambda s, m: window_mix(s, m, index, 12, 4), (source, mix))
+    with pytest.raises(ValueError, match="multiple of the 3 templates"):
+        window_mix(source, mix, index, 10, 4)
