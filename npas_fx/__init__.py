@@ -15,6 +15,7 @@ from .draw import draw_plan
 from .ensemble import SharedEnsemble, compile_ensemble
 from .materialize import materialize
 from .plan import Plan
+from .recompute import recompute_enabled, set_recompute
 from .runtime import cached, clear_cache
 from .saving import load, save
 from .strategies import STRATEGIES, register_strategy
@@ -32,6 +33,8 @@ __all__ = [
     "draw_plan",
     "materialize",
     "cached",
+    "set_recompute",
+    "recompute_enabled",
     "clear_cache",
     "save",
     "load",

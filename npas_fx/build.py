@@ -38,6 +38,7 @@ from .passes.insert_generators import GeneratorCall, insert_generators
 from .passes.trace import TraceResult
 from .plan import GroupPlan, KeptParam, LayerPlan, OpaqueModule, Plan
 from .plan_checks import check_plan_fits
+from .recompute import set_recompute
 from .runtime import attach_runtime
 from .shared_params import SharedParameters, target_std, wide_std
 from .strategies import STRATEGIES, Grouping, StrategyContext
@@ -75,6 +76,7 @@ class BuildSettings:
     loss_fn: Any = None
     options: Mapping[str, Any] | None = None
     search_steps: int | None = None
+    recompute: bool = False  # compile's default is its own; search models keep their weights
 
 
 # ---- which parameters are generated -------------------------------------------------------------
@@ -345,6 +347,8 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
     gm.meta[PLAN_KEY] = plan  # what deepcopy keeps
     setattr(gm, PLAN_KEY, plan)  # what pickling keeps
     setattr(shared, PLAN_KEY, plan)  # what deepcopy then pickling keeps
+    if settings.recompute:
+        set_recompute(gm)
     achieved = count_parameters(gm)
     if achieved != target or plan.trainable_params != target:
         raise RuntimeError(

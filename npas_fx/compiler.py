@@ -83,6 +83,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     options: Mapping[str, Any] | None = None,
     search_steps: int | None = None,
     allow_large_budget: bool = False,
+    recompute: bool | None = None,
 ) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with exactly ``budget`` trainable parameters.
 
@@ -111,6 +112,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
             :mod:`npas_fx.search`; the batch convention is in :mod:`npas_fx.search.pretrain`).
         allow_large_budget: allow a budget over 1000x the model's parameter count (refused by
             default: such a budget is almost always a typo, and its banks may not fit in memory).
+        recompute: regenerate each generated weight in backward instead of keeping it from the
+            forward (:mod:`npas_fx.recompute`), so that training memory follows the budget. ``None``
+            (default): on when the budget is below the model's trainable count, where generated
+            weights are most of what a step holds (``benchmarks/memory.py``), off at or above it,
+            where banks and their Adam state dominate and regeneration would only cost time.
+            A no-op under ``torch.compile``; switch later with ``npas_fx.set_recompute(gm, flag)``.
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`plan_of` gives its plan.
@@ -157,6 +164,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         loss_fn=loss_fn,
         options=options,
         search_steps=search_steps,
+        recompute=target < original if recompute is None else recompute,
     )
     gm = build(traced, target, settings)
     if example_inputs is not None:

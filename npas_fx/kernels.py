@@ -16,6 +16,8 @@ Both kernels here reach it without integer index tensors over the weight:
   index per block. Backward scatter-adds whole rows of the gradient into that table (one
   ``index_add_``, one index per block) and folds it back onto the bank. With ``chunk=1`` a slot
   is one value: per-element HashedNets hashing.
+* :func:`window_mix` (``superweight``): each SuperWeight mixes ``K`` templates of one bank window.
+  The gathered windows (``K`` times the weight's size) are recomputed in backward, not kept.
 
 Example:
     >>> import torch
@@ -33,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["skew_tile", "masked_tile", "hashed_blocks", "hash_rows", "slot_count"]
+__all__ = ["skew_tile", "masked_tile", "hashed_blocks", "hash_rows", "slot_count", "window_mix"]
 
 # Constants of a 32-bit integer hash (lowbias32, a bijection on 32-bit integers); every product
 # stays below 2**63 because the state is masked to 32 bits before each multiplication.
@@ -336,3 +338,49 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
     negative = 1 - (_mix32(h + _SIGN_SALT) & 1)
     rows = slot + slots * negative
     return rows.to(torch.int32) if 2 * slots < 2**31 else rows
+
+
+# ---- SuperWeight template mixing -----------------------------------------------------------------
+def _windows(source: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
+    return source.unfold(0, span, stride).index_select(0, index)  # (N, span)
+
+
+class _WindowMix(torch.autograd.Function):
+    """``out[n] = sum_k mix[n, k] * window(index[n])[k]``; backward gathers the windows again, so
+    autograd keeps the bank-sized source and the small mix, never the ``(N, K, m)`` windows."""
+
+    @staticmethod
+    def forward(ctx: Any, source: Tensor, mix: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
+        count, k = mix.shape
+        ctx.save_for_backward(source, mix, index)
+        ctx.geometry = (span, stride)
+        chosen = _windows(source, index, span, stride).view(count, k, span // k)
+        return torch.bmm(mix.unsqueeze(1), chosen).squeeze(1)  # (N, 1, K) @ (N, K, m) -> (N, m)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        source, mix, index = ctx.saved_tensors
+        span, stride = ctx.geometry
+        count, k = mix.shape
+        grad_source = grad_mix = None
+        if ctx.needs_input_grad[1]:
+            chosen = _windows(source, index, span, stride).view(count, k, span // k)
+            grad_mix = torch.bmm(chosen, grad.unsqueeze(2)).squeeze(2)  # (N, K, m) @ (N, m, 1) -> (N, K)
+        if ctx.needs_input_grad[0]:
+            per_window = (mix.unsqueeze(2) * grad.unsqueeze(1)).view(count, span)  # (N, K, m) -> (N, span)
+            windows = source.new_zeros((source.numel() - span) // stride + 1, span).index_add_(0, index, per_window)
+            grad_source = torch.ops.aten.unfold_backward(windows, list(source.shape), 0, span, stride)
+        return grad_source, grad_mix, None, None, None
+
+
+def window_mix(source: Tensor, mix: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
+    """Row ``n``: the ``K`` templates of window ``index[n]`` (``source[index[n] * stride :][:span]``,
+    ``span = K * m``) mixed by ``mix[n]``; returns ``(N, m)`` for ``mix`` of shape ``(N, K)``.
+
+    Example:
+        >>> window_mix(torch.arange(6.0), torch.tensor([[1.0, 1.0]]), torch.tensor([1]), 4, 2).tolist()
+        [[6.0, 8.0]]
+    """
+    if span % mix.shape[1] or stride < 1:
+        raise ValueError(f"`span` {span} should be a multiple of the {mix.shape[1]} templates and `stride` >= 1.")
+    return _WindowMix.apply(source, mix, index, span, stride)

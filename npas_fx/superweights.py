@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .budget import GeneratorConfig, split_exact
 from .generators import WeightGenerator
+from .kernels import window_mix
 from .plan import GroupPlan, LayerPlan
 from .strategies import Grouping, StrategyContext, register_strategy
 
@@ -320,15 +321,15 @@ class SuperWeightMix(WeightGenerator):
         count = self.window_index.numel()
         span = k * m
         source = bank.repeat(self.copies) if self.copies > 1 else bank
-        if self.stride > 0:
-            chosen = source.unfold(0, span, self.stride).index_select(0, self.window_index)  # (N, K*m)
+        mix = None if coefficients is None else coefficients.to(bank.dtype).index_select(0, self.coefficient_rows)
+        if mix is not None and self.stride > 0:  # the gathered windows are K weights' worth: not kept
+            blocks = window_mix(source, mix, self.window_index, span, self.stride)  # (N, m)
         else:
-            chosen = source.narrow(0, 0, span).unsqueeze(0).expand(count, span)
-        if coefficients is None:
-            blocks = chosen  # (N, m)
-        else:
-            mix = coefficients.to(bank.dtype).index_select(0, self.coefficient_rows)  # (N, K)
-            blocks = torch.bmm(mix.unsqueeze(1), chosen.reshape(count, k, m)).squeeze(1)  # (N, m)
+            if self.stride > 0:
+                chosen = source.unfold(0, span, self.stride).index_select(0, self.window_index)  # (N, K*m)
+            else:
+                chosen = source.narrow(0, 0, span).unsqueeze(0).expand(count, span)  # a view: free to keep
+            blocks = chosen if mix is None else torch.bmm(mix.unsqueeze(1), chosen.reshape(count, k, m)).squeeze(1)
         rows, cols = self.grid
         rest = self.block[2:]
         weight = blocks.view(rows, cols, *self.block).transpose(1, 2)  # (R, b0, C, b1, *kernel)

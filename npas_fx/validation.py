@@ -149,6 +149,7 @@ def check_arguments(
     search_steps: Any = None,
     example_inputs: Any = None,
     allow_large_budget: Any = False,
+    recompute: Any = None,
 ) -> None:
     """Check every argument of :func:`npas_fx.compile` (types, ranges, option names)."""
     from .budget import GeneratorConfig  # late: budget is light, but keep this module's imports minimal
@@ -173,6 +174,10 @@ def check_arguments(
     for name, value in (("copy_weights", copy_weights), ("allow_large_budget", allow_large_budget)):
         if not isinstance(value, bool):
             raise TypeError(f"`{name}` should be True or False, got {_describe(value)}.")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(
+            f"`recompute` should be True, False or None (on below the original's size), got {_describe(recompute)}."
+        )
     if example_inputs is not None and not isinstance(example_inputs, (tuple, Mapping)):
         raise TypeError(
             f"`example_inputs` should be a tuple of positional inputs or a dict of keyword inputs, got "
