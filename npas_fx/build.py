@@ -123,7 +123,8 @@ def _layer_plans(
             share = position / len(members)  # staggered start inside the group's bank
             fields: dict[str, Any] = {"templates": k}
             if grouping.force == "hash" or (k == 0 and config.upsample == "hash"):
-                fields.update(generator="hash", salt=i, chunk=config.hash_chunk)
+                # A block never holds more values than the bank has (it would only repeat them).
+                fields.update(generator="hash", salt=i, chunk=max(1, min(config.hash_chunk, size)))
             elif k == 0 and config.upsample == "interpolate":
                 rows, cols = interpolation_grid(info.shape, size)
                 fields.update(

@@ -33,7 +33,9 @@ from torch import fx, nn
 
 from .runtime import INDEX_ATTR, ROOT_KEY, RUNNERS, SHARED_ATTR, GeneratedParameters, explicit_cache_active
 
-__all__ = ["install_fast_eval", "forget_runner"]
+__all__ = ["install_fast_eval", "forget_runner", "INTERNAL_HOOK"]
+
+INTERNAL_HOOK = "_npas_internal"  # set on npas_fx's own module hooks: they never block the runner
 
 _SHARED = "npas"
 CODE_KEY = "npas_code"  # in gm.meta: the code of the graph compile made
@@ -63,9 +65,12 @@ def _eligible(gm: fx.GraphModule) -> bool:
     hooks = (gm._forward_hooks, gm._forward_pre_hooks, gm._backward_hooks, gm._backward_pre_hooks)
     globals_ = nn.modules.module
     global_hooks = (globals_._global_forward_hooks, globals_._global_forward_pre_hooks)
+    # npas_fx's own hooks (recompute's, which do nothing without gradients) do not count.
+    if any(not getattr(h, INTERNAL_HOOK, False) for table in hooks for h in table.values()) or any(global_hooks):
+        return False
     # The runner is the original forward: valid only for the graph compile made (not one edited since).
     unedited = gm.meta.get(CODE_KEY) == gm.__dict__.get("_code")
-    return unedited and not any(hooks) and not any(global_hooks) and ROOT_KEY in gm.__dict__
+    return unedited and ROOT_KEY in gm.__dict__
 
 
 def _same_leaves(gm: fx.GraphModule, root: nn.Module, prefix: str) -> bool:

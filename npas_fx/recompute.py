@@ -198,6 +198,11 @@ def _exit(module: nn.Module, args: Any, output: Any) -> None:
 
 
 # ---- switching it on and off --------------------------------------------------------------------
+# Not user hooks: they do nothing without gradients, so they never keep a compiled model in eval
+# from its fast runner (npas_fx.inference.INTERNAL_HOOK).
+_enter._npas_internal = _exit._npas_internal = True  # type: ignore[attr-defined]
+
+
 def _remove(hooks: dict, predicate: Any, always: dict | None = None) -> None:
     for key in [k for k, h in hooks.items() if predicate(h)]:
         del hooks[key]
