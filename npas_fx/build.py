@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from .budget import Allocation, GeneratorConfig, allocate
+from .fit import fit_shared
 from .generators import interpolation_grid
 from .passes.collect_params import ParamInfo, collect_params
 from .passes.insert_generators import GeneratorCall, insert_generators
@@ -74,6 +75,7 @@ class BuildSettings:
     loss_fn: Any = None
     options: Mapping[str, Any] | None = None
     search_steps: int | None = None
+    init: str = "random"  # "fit": banks start as the least-squares fit of the trained weights
 
 
 # ---- which parameters are generated -------------------------------------------------------------
@@ -329,6 +331,9 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
         _place(shared, list(plan.layers), generated)
         shared.init_complex_banks()
         layers = _initialise(shared, list(plan.layers), originals, calibrate=settings.plan is None)
+        if settings.init == "fit":  # gains stay as calibrated: the plan is the one init="random" makes
+            fitted = fit_shared(shared, originals)
+            plan = replace(plan, provenance={**plan.provenance, "init": "fit", "fit_error": fitted.total_after})
     plan = replace(plan, layers=tuple(layers))
     del originals  # the dense weights go with the rewrite below
     gm.add_module(SHARED_NAME, shared)

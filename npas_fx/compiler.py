@@ -83,6 +83,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     options: Mapping[str, Any] | None = None,
     search_steps: int | None = None,
     allow_large_budget: bool = False,
+    init: str = "random",
 ) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with exactly ``budget`` trainable parameters.
 
@@ -111,6 +112,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
             :mod:`npas_fx.search`; the batch convention is in :mod:`npas_fx.search.pretrain`).
         allow_large_budget: allow a budget over 1000x the model's parameter count (refused by
             default: such a budget is almost always a typo, and its banks may not fit in memory).
+        init: ``"random"`` (banks start random, at the trained weights' scale) or ``"fit"`` (banks and
+            coefficients start as the least-squares fit of the model's trained weights, see
+            :mod:`npas_fx.fit`: compress a trained model); also with ``plan=``.
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`plan_of` gives its plan.
@@ -157,6 +161,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         loss_fn=loss_fn,
         options=options,
         search_steps=search_steps,
+        init=init,
     )
     gm = build(traced, target, settings)
     if example_inputs is not None:
