@@ -133,7 +133,16 @@ def bits_per_byte(model: nn.Module, corpus: Corpus, context: int, windows: int) 
     return total / (len(starts) * context) / math.log(2)
 
 
-def train(model: nn.Module, corpus: Corpus, steps: int, lr: float, args: argparse.Namespace, seed: int) -> None:
+def train(
+    model: nn.Module,
+    corpus: Corpus,
+    steps: int,
+    lr: float,
+    args: argparse.Namespace,
+    seed: int,
+    teacher: nn.Module | None = None,
+) -> None:
+    """AdamW with warm-up and cosine decay; with a ``teacher``, half the loss is KL to its predictions."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -141,14 +150,36 @@ def train(model: nn.Module, corpus: Corpus, steps: int, lr: float, args: argpars
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         x, y = corpus.batch(args.batch, args.context, generator)
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        logits = model(x).reshape(-1, 256)
+        loss = F.cross_entropy(logits, y.reshape(-1))
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x).reshape(-1, 256), -1)
+            kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
+            loss = 0.5 * loss + 0.5 * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if args.verbose and (step + 1) % 100 == 0:
+            print(f"    step {step + 1}/{steps}: loss {float(loss):.3f}", flush=True)
+
+
+def dense_model(corpus: Corpus, args: argparse.Namespace) -> nn.Module:
+    """The trained dense model (loaded from ``--dense`` when that file exists, else trained and saved there)."""
+    torch.manual_seed(0)
+    dense = ByteLM(args.dim, args.layers, args.heads, args.context)
+    path = Path(args.dense) if args.dense else None
+    if path is not None and path.exists():
+        dense.load_state_dict(torch.load(path))
+        return dense
+    train(dense, corpus, args.dense_steps, args.lr, args, seed=0)
+    if path is not None:
+        torch.save(dense.state_dict(), path)
+    return dense
 
 
 # ---- the table ----------------------------------------------------------------------------------
@@ -162,23 +193,27 @@ def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     started = time.time()
     corpus = load_corpus(args.corpus_bytes)
-    print(f"corpus: {corpus.train.numel() + corpus.val.numel():,} bytes of stdlib docstrings ({time.time() - started:.0f}s)")
-    torch.manual_seed(0)
-    dense = ByteLM(args.dim, args.layers, args.heads, args.context)
-    train(dense, corpus, args.dense_steps, args.lr, args, seed=0)
+    print(
+        f"corpus: {corpus.train.numel() + corpus.val.numel():,} bytes of stdlib docstrings ({time.time() - started:.0f}s)"
+    )
+    dense = dense_model(corpus, args).eval()
     dense_bpb = bits_per_byte(dense, corpus, args.context, args.val_windows)
     original = npas_fx.count_parameters(dense)
-    print(f"dense: {original:,} params, {dense_bpb:.3f} bits/byte after {args.dense_steps} steps ({time.time() - started:.0f}s)")
+    print(
+        f"dense: {original:,} params, {dense_bpb:.3f} bits/byte after {args.dense_steps} steps ({time.time() - started:.0f}s)"
+    )
     rows = [("dense", "-", "-", f"{original:,}", "0", f"{dense_bpb:.3f}", f"{dense_bpb:.3f}")]
+    inits = INITS + (("fit+KD",) if args.distill else ())
     for budget in args.budgets:
         for strategy in args.strategies:
-            for init in INITS:
+            for init in inits:
                 errors, before, after = [], [], []
                 for seed in range(args.seeds):
-                    gm = npas_fx.compile(dense, budget, strategy=strategy, seed=seed, init=init)
+                    gm = npas_fx.compile(dense, budget, strategy=strategy, seed=seed, init=init.split("+")[0])
                     errors.append(weight_errors(gm, dense)["total"])
                     before.append(bits_per_byte(gm, corpus, args.context, args.val_windows))
-                    train(gm, corpus, args.steps, args.finetune_lr, args, seed=100 + seed)
+                    teacher = dense if init.endswith("+KD") else None
+                    train(gm, corpus, args.steps, args.finetune_lr, args, seed=100 + seed, teacher=teacher)
                     after.append(bits_per_byte(gm, corpus, args.context, args.val_windows))
                 count = f"{npas_fx.count_parameters(gm):,}"
                 row = (f"{budget:.0%}", strategy, init, count, f"{statistics.mean(errors):.3f}")
@@ -200,20 +235,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps, one seed")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps of each compiled model")
-    parser.add_argument("--dense-steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps of each compiled model")
+    parser.add_argument("--dense-steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--val-windows", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--val-windows", type=int, default=192)
     parser.add_argument("--corpus-bytes", type=int, default=1_200_000)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--distill", action="store_true", help="add fit+KD rows: fine-tune half on the dense model's KL"
+    )
+    parser.add_argument("--dense", default="", help="file to load the trained dense model from (or save it to)")
+    parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.quick:
@@ -227,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     table = run(args)
     print()
     print(table)
-    if not args.quick and not args.no_write:
+    filtered = args.budgets != list(BUDGETS) or args.strategies != list(STRATEGIES) or args.distill
+    if not args.quick and not args.no_write and not filtered:
         target = ROOT / "docs" / "compress.md"
         text = target.read_text() if target.exists() else ""
         marker = "<!-- table -->"

@@ -75,7 +75,9 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return float(torch.vdot(a.reshape(-1), b.reshape(-1)).real)
 
 
-def _vjp(generate: Callable[[Tensor], list[Tensor]], x: Tensor, cotangent: Callable[[list[Tensor]], list[Tensor]]):
+def _vjp(
+    generate: Callable[[Tensor], list[Tensor]], x: Tensor, cotangent: Callable[[list[Tensor]], list[Tensor]]
+) -> Tensor:
     """``J^T cotangent(G(x))`` (the cotangent is computed from the outputs, detached)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -123,7 +125,7 @@ def _diagonal(block: _Block, x: Tensor, offset: list[Tensor]) -> Tensor | None:
     return d if torch.allclose(product, d * probe, rtol=1e-4, atol=1e-5 * scale) else None
 
 
-def solve_block(block: _Block, x0: Tensor, max_iter: int = MAX_ITER, tol: float = TOLERANCE) -> Tensor:
+def _solve_block(block: _Block, x0: Tensor, max_iter: int = MAX_ITER, tol: float = TOLERANCE) -> Tensor:
     """Preconditioned CG from ``x0``; returns ``x0`` itself unless the result lowers the objective."""
     r = block.residual(x0)
     start = math.sqrt(_dot(r, r))
@@ -223,7 +225,7 @@ def _fit_group(layers: _Layers, members: list[int], targets: dict[int, Tensor], 
                 return [layers.generate(i, {key: x}) for i in readers]
 
             block = _Block(generate, [targets[i] for i in readers], [weights[i] for i in readers])
-            layers.state[key] = solve_block(block, layers.state[key])
+            layers.state[key] = _solve_block(block, layers.state[key])
         with torch.no_grad():
             now = sum(weights[i] * float((layers.generate(i) - targets[i]).abs().pow(2).sum()) for i in members)
         if now >= objective * (1 - 1e-4):  # converged (or stalled): further rounds would not pay
