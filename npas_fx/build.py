@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from .budget import Allocation, GeneratorConfig, allocate
+from .fit import fit_shared
 from .generators import interpolation_grid
 from .inference import install_fast_eval
 from .passes.collect_params import ParamInfo, collect_params
@@ -77,6 +78,7 @@ class BuildSettings:
     options: Mapping[str, Any] | None = None
     search_steps: int | None = None
     recompute: bool = False  # compile's default is its own; search models keep their weights
+    init: str = "random"  # "fit": banks start as the least-squares fit of the trained weights
 
 
 # ---- which parameters are generated -------------------------------------------------------------
@@ -334,6 +336,9 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
         _place(shared, list(plan.layers), generated)
         shared.init_complex_banks()
         layers = _initialise(shared, list(plan.layers), originals, calibrate=settings.plan is None)
+        if settings.init == "fit":  # gains stay as calibrated: the plan is the one init="random" makes
+            fitted = fit_shared(shared, originals)
+            plan = replace(plan, provenance={**plan.provenance, "init": "fit", "fit_error": fitted.total_after})
     plan = replace(plan, layers=tuple(layers))
     del originals  # the dense weights go with the rewrite below
     gm.add_module(SHARED_NAME, shared)

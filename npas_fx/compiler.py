@@ -84,6 +84,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     search_steps: int | None = None,
     allow_large_budget: bool = False,
     recompute: bool | None = None,
+    init: str = "random",
 ) -> fx.GraphModule:
     """Compile ``model`` into a GraphModule with exactly ``budget`` trainable parameters.
 
@@ -118,6 +119,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
             weights are most of what a step holds (``benchmarks/memory.py``), off at or above it,
             where banks and their Adam state dominate and regeneration would only cost time.
             A no-op under ``torch.compile``; switch later with ``npas_fx.set_recompute(gm, flag)``.
+        init: ``"random"`` (banks start random, at the trained weights' scale) or ``"fit"`` (banks and
+            coefficients start as the least-squares fit of the model's trained weights, see
+            :mod:`npas_fx.fit`: compress a trained model); also with ``plan=``.
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`plan_of` gives its plan.
@@ -165,6 +169,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options=options,
         search_steps=search_steps,
         recompute=target < original if recompute is None else recompute,
+        init=init,
     )
     gm = build(traced, target, settings)
     if example_inputs is not None:

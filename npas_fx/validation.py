@@ -150,6 +150,7 @@ def check_arguments(
     example_inputs: Any = None,
     allow_large_budget: Any = False,
     recompute: Any = None,
+    init: Any = "random",
 ) -> None:
     """Check every argument of :func:`npas_fx.compile` (types, ranges, option names)."""
     from .budget import GeneratorConfig  # late: budget is light, but keep this module's imports minimal
@@ -184,6 +185,7 @@ def check_arguments(
             f"{type(example_inputs).__name__}; wrap a single tensor as (x,)."
         )
     _check_keep(keep)
+    _check_init(init)
     values = {"strategy": strategy, "seed": seed, "copy_weights": copy_weights, "generators": generators}
     values.update(keep=keep, num_groups=num_groups, data=data, loss_fn=loss_fn, options=options)
     if plan is not None:
@@ -197,6 +199,18 @@ def check_arguments(
         raise ValueError(
             f"strategy {strategy!r} does not take `num_groups` (got {num_groups}); it is read by "
             f"{', '.join(repr(s) for s in _GROUP_COUNTING)}. Drop it or pick one of those."
+        )
+
+
+def _check_init(init: Any) -> None:
+    from .fit import INITS
+
+    if not isinstance(init, str):
+        raise TypeError(f"`init` should be one of {list(INITS)} (a str), got {_describe(init)}.")
+    if init not in INITS:
+        raise ValueError(
+            f"unknown `init` {init!r}; use 'random' (banks start random) or 'fit' (banks start as the "
+            "least-squares fit of the model's trained weights)."
         )
 
 
