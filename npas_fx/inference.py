@@ -103,10 +103,13 @@ class _Watch:
     runner shares their current entries, so in-place writes show through, replacements do not)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        modules = _modules(gm)
+        shared = getattr(gm, _SHARED)
+        internal = {id(m) for m in shared.modules()}  # banks' versions are watched below instead
+        modules = [m for m in _modules(gm) if id(m) not in internal]
         self.gm = weakref.ref(gm)
-        self.baked = [*getattr(gm, _SHARED).parameters()]
-        self.dicts = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]
+        self.baked = [*shared.parameters()]
+        # Empty dicts are skipped: what a forward reads is already there (a replacement shows).
+        self.dicts = [d for m in modules for d in (m._parameters, m._buffers, m._modules) if d]
 
     def key(self) -> tuple | None:
         try:

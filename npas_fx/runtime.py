@@ -189,6 +189,9 @@ def generate_cached(generator: nn.Module, inputs: tuple[Tensor, ...], compute: A
     if explicit:
         _EXPLICIT.tensors[id(generator)] = (key, value)
     else:
+        # A generator may return a strided view of its bank (tiles); reused many times, a dense
+        # layout is worth one copy: matmuls read it at full speed.
+        value = value.contiguous()
         generator.__dict__[CACHE_ATTR] = (key, value)
     return value
 
