@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
-from benchmarks.overhead import TinyTransformer  # noqa: E402
+from benchmarks.overhead import TinyTransformer, timed  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 
 
@@ -47,17 +46,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], Tensor]]] = {
     "cnn": (lambda: DigitsCNN(32), lambda b: torch.randn(b, 1, 8, 8)),
     "transformer": (TinyTransformer, lambda b: torch.randint(0, 512, (b, 64))),
 }
-
-
-def timed(call: Callable[[], object], repeats: int, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def ratio(

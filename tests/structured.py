@@ -35,6 +35,7 @@ __all__ = [
     "search_arguments",
     "compiled_case",
     "assert_compiled_like",
+    "assert_learned_plan_reapplies",
 ]
 
 
@@ -145,3 +146,15 @@ def assert_compiled_like(model: nn.Module, gm: fx.GraphModule, example: Any, bud
     gm.zero_grad()
     output_loss(call(gm, example)).backward()
     assert_gradient_reaches_every_bank(gm)
+
+
+def assert_learned_plan_reapplies(model: nn.Module, gm: fx.GraphModule, example: Any) -> None:
+    """A learned plan names the final model's own parameters (its search model was built from the
+    same traced module: never a doubly wrapped ``model.model.``) and re-applies exactly."""
+    plan = npas_fx.plan_of(gm)
+    for layer in plan.layers:
+        owner = gm.get_submodule(layer.module)  # raises if the plan names a module gm does not have
+        assert layer.name.rpartition(".")[2] in owner._parameters, layer.name
+    again = npas_fx.compile(model, plan=npas_fx.Plan.from_json(plan.to_json()), example_inputs=example)
+    assert npas_fx.plan_of(again).layers == plan.layers
+    assert_same_outputs(call(again.eval(), example), call(gm.eval(), example))

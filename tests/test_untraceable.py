@@ -26,6 +26,7 @@ from conftest import LEARNED_NAMES, STRATEGY_NAMES
 from models import assert_unchanged, snapshot
 from structured import (
     assert_compiled_like,
+    assert_learned_plan_reapplies,
     assert_same_outputs,
     call,
     compiled_case,
@@ -245,17 +246,8 @@ def _compiled(cache: dict, name: str, strategy: str, budget: float) -> tuple[nn.
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("strategy", LEARNED_NAMES)
 def test_learned_plans_name_the_final_models_parameters_and_reapply(compiled_cache, name, strategy):
-    # The search model is built from the same traced module as the final one: the plan names the
-    # final model's own parameters (never a doubly wrapped ``model.model.``), and re-applies exactly.
     model, gm = _compiled(compiled_cache, name, strategy, 0.1)
-    plan = npas_fx.plan_of(gm)
-    for layer in plan.layers:
-        owner = gm.get_submodule(layer.module)  # raises if the plan names a module gm does not have
-        assert layer.name.rpartition(".")[2] in owner._parameters, layer.name
-    x = CASES[name].example()
-    again = npas_fx.compile(model, plan=npas_fx.Plan.from_json(plan.to_json()), example_inputs=x)
-    assert npas_fx.plan_of(again).layers == plan.layers
-    assert_same_outputs(call(again.eval(), x), call(gm.eval(), x))
+    assert_learned_plan_reapplies(model, gm, CASES[name].example())
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
