@@ -17,9 +17,9 @@ Run: ``python benchmarks/inference.py`` (``--quick`` for a smoke run, ``--device
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
-from benchmarks.overhead import TinyTransformer, timed  # noqa: E402
+from benchmarks.overhead import TinyTransformer, ratio  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 
 
@@ -46,19 +46,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], Tensor]]] = {
     "cnn": (lambda: DigitsCNN(32), lambda b: torch.randn(b, 1, 8, 8)),
     "transformer": (TinyTransformer, lambda b: torch.randint(0, 512, (b, 64))),
 }
-
-
-def ratio(
-    base: Callable[..., object], other: Callable[..., object], rounds: int, repeats: int, device: str, *args: Tensor
-) -> tuple:
-    if args:  # plain calls of the models themselves, gradients enabled
-        base, other = (lambda f=base: f(*args)), (lambda f=other: f(*args))
-    for _ in range(3):  # warm-up (and the first, generating call)
-        base()
-        other()
-    ratios = [timed(other, repeats, device) / timed(base, repeats, device) for _ in range(rounds)]
-    quartiles = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), quartiles[2] - quartiles[0]
 
 
 def main() -> None:
@@ -87,7 +74,8 @@ def main() -> None:
                         return gm(x)
 
                 fast, fast_iqr = ratio(original, cached, rounds, repeats, args.device)
-                slow, slow_iqr = ratio(model, gm, rounds, repeats, args.device, x)
+                # plain calls of the models themselves, gradients enabled
+                slow, slow_iqr = ratio(partial(model, x), partial(gm, x), rounds, repeats, args.device)
                 print(
                     f"{name:<12} {batch:>5} {budget:>6} {fast:>7.2f} {fast_iqr:>5.2f} {slow:>12.2f} {slow_iqr:>5.2f}",
                     flush=True,
