@@ -143,8 +143,8 @@ def wide_std(tensor: Tensor) -> float:
     """Standard deviation in double precision; a complex tensor's counts its imaginary part too.
 
     Example:
-        >>> wide_std(torch.tensor([1j, -1j]))
-        1.4142135623730951
+        >>> round(wide_std(torch.tensor([1j, -1j])), 6)
+        1.414214
     """
     wide = torch.complex128 if tensor.is_complex() else torch.float64  # .double() drops imaginary parts
     return float(tensor.detach().to(wide).std())
