@@ -64,6 +64,7 @@ def run_one(corpus: Corpus, key: str, budget: float, seed: int, args: argparse.N
         **run,
         "bpb": bits_per_byte(net, corpus, args.context, args.val_windows),
         "total_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu,
     }
 
 
