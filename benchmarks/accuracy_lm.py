@@ -37,6 +37,7 @@ from benchmarks.sweep import SEARCH_SHARE, build, mean_std, method_table, plot, 
 
 BUDGETS = (0.05, 0.1, 0.25, 1.0, 2.0)
 STRATEGIES = ("hash", "shape", "single", "random", "superweight", "ssn", "swn")
+QUICK = dict(seeds=1, steps=20, dim=16, layers=1, heads=2, context=32, batch=8, val_windows=16, corpus_bytes=100_000)
 ROOT = Path(__file__).resolve().parent.parent
 _CORPUS: Corpus | None = None  # a worker's copy, set once by _start_worker
 
@@ -159,9 +160,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.steps, args.dim, args.layers, args.heads, args.context = 1, 20, 16, 1, 2, 32
-        args.batch, args.val_windows, args.corpus_bytes = 8, 16, 100_000
+    if args.quick:  # the quick sizes replace the defaults; flags given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     return args
 
 
