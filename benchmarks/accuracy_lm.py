@@ -32,7 +32,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.lm import ByteLM, Corpus, bits_per_byte, dense_count, lm_loss, load_corpus, narrow_shape, train  # noqa: E402
+from benchmarks.lm import (  # noqa: E402
+    ByteLM,
+    Corpus,
+    add_lm_arguments,
+    bits_per_byte,
+    dense_count,
+    lm_loss,
+    load_corpus,
+    narrow_shape,
+    train,
+)
 from benchmarks.sweep import SEARCH_SHARE, build, mean_std, method_table, plot, search_notes, write_marked  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.25, 1.0, 2.0)
@@ -144,20 +154,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps, 1 seed, 2 budgets")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="training steps of every model")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--val-windows", type=int, default=192)
-    parser.add_argument("--corpus-bytes", type=int, default=1_200_000)
+    add_lm_arguments(parser)
     parser.add_argument("--strategies", nargs="+", choices=("dense", "narrow", *STRATEGIES), help="only these rows")
     parser.add_argument("--budgets", nargs="+", type=float, help="only these budgets, e.g. 0.05 0.1")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (tiny models: one per core is fastest)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.quick:  # the quick sizes replace the defaults; flags given explicitly still win

@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
-from benchmarks.lm import ByteLM, Corpus, bits_per_byte, load_corpus, train  # noqa: E402
+from benchmarks.lm import ByteLM, Corpus, add_lm_arguments, bits_per_byte, load_corpus, train  # noqa: E402
 from benchmarks.sweep import mean_std, write_marked  # noqa: E402
 from npas_fx.fit import weight_errors  # noqa: E402
 
@@ -102,15 +102,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps of each compiled model")
     parser.add_argument("--dense-steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    add_lm_arguments(parser)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--val-windows", type=int, default=192)
-    parser.add_argument("--corpus-bytes", type=int, default=1_200_000)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--threads", type=int, default=2)
@@ -118,7 +111,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--distill", action="store_true", help="add fit+KD rows: fine-tune half on the dense model's KL"
     )
     parser.add_argument("--dense", default="", help="file to load the trained dense model from (or save it to)")
-    parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.quick:

@@ -35,6 +35,7 @@ __all__ = [
     "lm_loss",
     "bits_per_byte",
     "train",
+    "add_lm_arguments",
 ]
 
 
@@ -211,3 +212,16 @@ def train(
         schedule.step()
         if args.verbose and (step + 1) % 100 == 0:
             print(f"    step {step + 1}/{steps}: loss {float(loss):.3f}", flush=True)
+
+
+def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, data and training flags that every ByteLM benchmark shares (``train`` reads them)."""
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--val-windows", type=int, default=192, help="validation windows of --context bytes")
+    parser.add_argument("--corpus-bytes", type=int, default=1_200_000)
+    parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
