@@ -310,7 +310,8 @@ class Hash(WeightGenerator):
             )
         else:
             rows = self.rows
-        if not (torch.is_grad_enabled() and bank.requires_grad):  # no backward: touch only what it reads
+        # No backward (and a bank of at least one whole slot): touch only what the weight reads.
+        if not (torch.is_grad_enabled() and bank.requires_grad) and size >= self.chunk:
             return _hashed_blocks_no_grad(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
         return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
 
