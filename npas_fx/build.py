@@ -236,7 +236,7 @@ def _initialise(
     for i, layer in enumerate(layers):
         gain = 1.0
         if not layer.copied:
-            produced = wide_std(shared.generate(i), SAMPLE) if layer.numel > 1 else 0.0
+            produced = wide_std(shared.generate_sample(i, SAMPLE)) if layer.numel > 1 else 0.0
             gain = targets[i] / produced if produced > 0 and math.isfinite(produced) else 1.0
         shared.generators[f"l{i}"].gain = gain
         result.append(replace(layer, gain=gain))

@@ -211,3 +211,25 @@ def test_the_example_check_holds_about_one_generated_weight_at_a_time(mode: str)
     with _Biggest({24 * 24}, model) as watch, torch.no_grad():
         gm(torch.randn(2, 24))
     assert watch.most >= 6
+
+
+@pytest.mark.parametrize("limit", [1000, 5000, 10**6])
+def test_generate_sample_is_the_even_sample_of_the_generated_weight(limit: int) -> None:
+    from npas_fx.plan import GroupPlan, LayerPlan
+    from npas_fx.shared_params import SharedParameters, _spread_sample
+
+    torch.manual_seed(0)
+    layers = [
+        LayerPlan("a", (300, 70), "", "Linear", 0, "slice", templates=1, offset=5),
+        LayerPlan("b", (300, 70), "", "Linear", 0, "wavg", templates=3, offset=11, gain=0.7),
+        LayerPlan("c", (310, 77), "", "Linear", 1, "hash", templates=0, salt=3, chunk=64, gain=1.3),  # slot wraps
+        LayerPlan("d", (310, 77), "", "Linear", 1, "hash", templates=0, salt=4, chunk=1),
+        LayerPlan("e", (310, 77), "", "Linear", 1, "repeat", templates=0, offset=4),  # generated whole
+    ]
+    groups = [GroupPlan(0, ("a", "b"), 300 * 70 * 3 + 40), GroupPlan(1, ("c", "d", "e"), 1001)]
+    shared = SharedParameters(layers, groups, embedding_dim=8)
+    for i in range(len(layers)):
+        sample = shared.generate_sample(i, limit)
+        expected = _spread_sample(shared.generate(i).detach(), limit)
+        assert sample.shape == expected.shape
+        torch.testing.assert_close(sample, expected, rtol=1e-5, atol=1e-6)
