@@ -311,7 +311,9 @@ class Hash(WeightGenerator):
         else:
             rows = self.rows
         # No backward (and a bank of at least one whole slot): touch only what the weight reads.
-        if not (torch.is_grad_enabled() and bank.requires_grad) and size >= self.chunk:
+        # Eager only: its masked write of the wrapping slot is data-dependent for torch.compile.
+        eager = not torch.compiler.is_compiling() and not bank.is_meta
+        if eager and not (torch.is_grad_enabled() and bank.requires_grad) and size >= self.chunk:
             return _hashed_blocks_no_grad(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
         return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
 
