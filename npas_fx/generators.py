@@ -310,10 +310,44 @@ class Hash(WeightGenerator):
             )
         else:
             rows = self.rows
+        # No backward (and a bank of at least one whole slot): touch only what the weight reads.
+        # Eager only: its masked write of the wrapping slot is data-dependent for torch.compile.
+        eager = not torch.compiler.is_compiling() and not bank.is_meta
+        if eager and not (torch.is_grad_enabled() and bank.requires_grad) and size >= self.chunk:
+            return _hashed_blocks_no_grad(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
         return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"
+
+
+def _hashed_blocks_no_grad(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
+    """``hashed_blocks(bank * gain, rows, numel, chunk)`` (the same values, bit for bit) without autograd.
+
+    The kernel builds the signed slot table (twice the bank) at every call, which a backward needs
+    but a forward alone does not: with one bank shared by every layer (the ``hash`` strategy) that
+    made generating a model's weights cost ``layers x bank``. Here each block gathers its slot
+    straight from the bank, then takes its gain and sign: ``numel`` values written, as for a copy.
+    """
+    size = bank.numel()
+    slots = -(-size // chunk)
+    whole = size // chunk  # slots inside the bank; slot ``whole`` (if any) wraps to the bank's start
+    negative = rows >= slots
+    slot = torch.where(negative, rows - slots, rows)  # keeps the index dtype (int32 when it fits)
+    if chunk == 1:
+        out = torch.index_select(bank, 0, slot).view(-1, 1)
+    else:
+        out = torch.index_select(bank.narrow(0, 0, whole * chunk).view(whole, chunk), 0, slot.clamp(max=whole - 1))
+        if whole < slots:
+            tail = torch.cat(
+                [bank.narrow(0, whole * chunk, size - whole * chunk), bank.narrow(0, 0, slots * chunk - size)]
+            )
+            out[slot == whole] = tail
+    if gain != 1.0:
+        out.mul_(gain)  # as ``bank * gain`` rounds: the same product per value
+    out.mul_(negative.to(out.dtype).mul_(-2).add_(1).view(-1, 1))  # times -1 or 1: a sign flip is exact
+    out = out.view(-1)
+    return out if out.numel() == numel else out.narrow(0, 0, numel)
 
 
 GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash", "superweight")

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -300,6 +301,23 @@ def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
     return _HashBlocks.apply(bank, rows, numel, chunk)
 
 
+def _smallest(keys: Tensor, k: int) -> Tensor:
+    """``argsort(keys)[:k]`` for distinct keys in ``[0, 2**32)``, without sorting all of them.
+
+    Hash values are spread evenly, so about ``k`` of them lie below ``k / n * 2**32``: sort only
+    those below a threshold a little above it (raised until at least ``k`` are in).
+    """
+    n = keys.numel()
+    if 8 * k >= n or keys.is_meta:  # meta tensors (plan checks) have no values to select by
+        return torch.argsort(keys).narrow(0, 0, k)
+    want = k + 4 * math.isqrt(k) + 64
+    while True:
+        picked = torch.nonzero(keys < min(2**32, -(-want * 2**32 // n))).view(-1)
+        if picked.numel() >= k:
+            return picked.index_select(0, torch.argsort(keys.index_select(0, picked)).narrow(0, 0, k))
+        want *= 2
+
+
 def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:
     """The row of the signed slot table (:func:`hashed_blocks`) that each block of ``chunk`` reads.
 
@@ -326,7 +344,9 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
     if chunk == 1:
         slot = torch.remainder(h, size)
     else:
-        slot = torch.argsort(h.view(rounds, slots), dim=1).view(-1).narrow(0, 0, blocks)
+        keys = h.view(rounds, slots)  # a layer smaller than the bank needs the start of one round only
+        order = [torch.argsort(keys[:-1], dim=1).view(-1)] if rounds > 1 else []
+        slot = torch.cat([*order, _smallest(keys[-1], blocks - (rounds - 1) * slots)])
         if numel % chunk and slots > 1:  # the partial last block swaps slots with the shortest one
             first = (blocks - 1) // slots * slots
             last_round = slot.narrow(0, first, blocks - first)
