@@ -13,7 +13,8 @@ steps (SSN's "10-15 % of a run"), then the final model is trained from scratch f
 SWN's search time adds its refinement model (half as many steps).
 
 Run: ``python benchmarks/accuracy.py`` (about 15 minutes on 2 CPU cores; ``--quick`` for a smoke
-run). Writes ``docs/accuracy.md`` (the table) and ``docs/accuracy.png`` (the plot). A filtered run
+run). Writes the table into ``docs/accuracy.md`` (between its ``<!-- table -->`` markers, so the
+study below it survives) and ``docs/accuracy.png`` (the plot). A filtered run
 (``--strategies hash --budgets 0.05 0.1 --hash-chunk 1``) only prints its rows.
 """
 
@@ -204,6 +205,18 @@ def table(results: dict, budgets: tuple[float, ...], original: int, seeds: int, 
     return "\n".join(lines)
 
 
+def write_table(target: Path, table_text: str) -> None:
+    """Put the table between ``<!-- table -->`` markers in ``target``, keeping the prose around it."""
+    marker, end = "<!-- table -->", "<!-- /table -->"
+    text = target.read_text(encoding="utf-8") if target.exists() else ""
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        tail = rest.partition(end)[2]
+        target.write_text(f"{head}{marker}\n{table_text}\n{end}{tail}", encoding="utf-8")
+    else:
+        target.write_text(f"{marker}\n{table_text}\n{end}\n{text}", encoding="utf-8")
+
+
 def plot(results: dict, budgets: tuple[float, ...], path: Path) -> None:
     import matplotlib
 
@@ -273,7 +286,7 @@ def main() -> None:
     print("\n" + text)
     if not args.quick and not args.strategies and not args.budgets and args.hash_chunk is None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "accuracy.md").write_text(text + "\n", encoding="utf-8")
+        write_table(args.out / "accuracy.md", text)
         plot(results, budgets, args.out / "accuracy.png")
         print(f"\nwrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.png'}")
 

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 DOWNSAMPLERS = ("wavg", "emb")
-UPSAMPLERS = ("repeat", "interpolate", "mask", "hash")
+UPSAMPLERS = ("signed", "repeat", "interpolate", "mask", "hash")
 NORMALIZERS = ("none", "softmax")
 
 
@@ -45,10 +45,13 @@ class GeneratorConfig:
     Attributes:
         downsample: ``"wavg"`` (free coefficients) or ``"emb"`` (coefficients from a learned
             layer embedding) when the bank holds at least two layer-sized templates.
-        upsample: ``"repeat"``, ``"interpolate"``, ``"mask"`` or ``"hash"`` when the bank is
-            smaller than the layer. ``repeat`` is the default because bilinear interpolation of
-            a small grid lowers the rank of the weight (a 10-class head stretched from 3 rows):
-            on the digits demo at 10 % it reached 54 % test accuracy against 99 % for repeat.
+        upsample: ``"signed"``, ``"repeat"``, ``"interpolate"``, ``"mask"`` or ``"hash"`` when
+            the bank is smaller than the layer. ``signed`` (tiling with a fixed hashed sign per
+            output row) is the default: plain ``repeat`` gives every row about the same sum, so a
+            layer after a ReLU can start (or end) with every unit dead, which left one seed in
+            three at chance on the digits benchmark at 5 % (docs/accuracy.md); bilinear
+            interpolation of a small grid lowers the rank of the weight (a 10-class head
+            stretched from 3 rows: 54 % on the digits demo at 10 % against 99 % for repeat).
         max_templates: cap on templates mixed per layer (SSN's default is 8). 1 = hard sharing.
         embedding_dim: size of the per-layer embedding of ``"emb"`` (SSN used 24).
         normalize: ``"none"`` or ``"softmax"``: how ``"emb"`` coefficients are normalised
@@ -62,7 +65,7 @@ class GeneratorConfig:
     """
 
     downsample: str = "wavg"
-    upsample: str = "repeat"
+    upsample: str = "signed"
     max_templates: int = 8
     embedding_dim: int = 24
     normalize: str = "none"
