@@ -13,7 +13,8 @@ steps (SSN's "10-15 % of a run"), then the final model is trained from scratch f
 SWN's search time adds its refinement model (half as many steps).
 
 Run: ``python benchmarks/accuracy.py`` (about 15 minutes on 2 CPU cores; ``--quick`` for a smoke
-run). Writes ``docs/accuracy.md`` (the table) and ``docs/accuracy.png`` (the plot). A filtered run
+run). Writes the table into ``docs/accuracy.md`` (between its ``<!-- table -->`` markers, so the
+study below it survives) and ``docs/accuracy.png`` (the plot). A filtered run
 (``--strategies hash --budgets 0.05 0.1 --hash-chunk 1``) only prints its rows.
 """
 
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
-from benchmarks.sweep import SEARCH_SHARE, build, mean_std, method_table, plot, search_notes  # noqa: E402
+from benchmarks.sweep import SEARCH_SHARE, build, mean_std, method_table, plot, search_notes, write_marked  # noqa: E402
 from examples.digits import DigitsSplit, accuracy, load_digits_split, train  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.25, 1.0, 2.0, 4.0)
@@ -182,7 +183,7 @@ def main() -> None:
     print("\n" + text)
     if not args.quick and not args.strategies and not args.budgets and args.hash_chunk is None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "accuracy.md").write_text(text + "\n", encoding="utf-8")
+        write_marked(args.out / "accuracy.md", text)
         labels = ("test accuracy (%)", "digits: accuracy vs budget (mean ± std over seeds)")
         plot(results, budgets, STRATEGIES, lambda r: r["acc"] * 100, labels, args.out / "accuracy.png")
         print(f"\nwrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.png'}")

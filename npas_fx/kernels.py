@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["skew_tile", "masked_tile", "hashed_blocks", "hash_rows", "slot_count", "window_mix"]
+__all__ = ["skew_tile", "masked_tile", "row_signs", "hashed_blocks", "hash_rows", "slot_count", "window_mix"]
 
 # Constants of a 32-bit integer hash (lowbias32, a bijection on 32-bit integers); every product
 # stays below 2**63 because the state is masked to 32 bits before each multiplication.
@@ -208,6 +208,17 @@ class _MaskedTile(torch.autograd.Function):
         grad_mask = tiles.mul_(rows).sum(1)  # row-wise dot products (bmm measured 5x slower)
         grad_bank = _tile_backward((rows * mask.unsqueeze(1)).view(-1), ctx.layout)
         return grad_bank, grad_mask, None, None
+
+
+def row_signs(rows: int, salt: int, device: torch.device | None = None) -> Tensor:
+    """A fixed ``+1``/``-1`` per row, hashed from the row index and ``salt`` (``signed`` upsampling).
+
+    Example:
+        >>> row_signs(6, salt=3).tolist()
+        [-1.0, -1.0, -1.0, 1.0, -1.0, 1.0]
+    """
+    h = _mix32(torch.arange(rows, device=device, dtype=torch.int64) + ((salt * _SALT_MUL) & _MASK32))
+    return (_mix32(h + _SIGN_SALT) & 1).to(torch.get_default_dtype()) * 2 - 1
 
 
 def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:

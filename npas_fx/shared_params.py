@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, TemplateMix, WeightGenerator
+from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, SignedRepeat, TemplateMix, WeightGenerator
 from .plan import GroupPlan, LayerPlan
 from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
@@ -72,6 +72,8 @@ def make_generator(
         return EmbeddingMix(layer.shape, layer.offset, layer.templates, embedding_dim, layer.gain, normalize)
     if kind == "repeat":
         return Repeat(layer.shape, layer.offset, layer.gain)
+    if kind == "signed":
+        return SignedRepeat(layer.shape, layer.offset, layer.gain)
     if kind == "interpolate":
         rows, cols = layer.grid
         return Interpolate(layer.shape, layer.offset, (rows, cols), layer.gain)
