@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     budgets = tuple(args.budgets) if args.budgets else (0.1, 1.0) if args.quick else BUDGETS
-    corpus = load_corpus(args.corpus_bytes)
+    corpus = load_corpus(args.corpus_bytes, args.corpus_file)
     print(f"corpus: {corpus.train.numel() + corpus.val.numel():,} bytes of stdlib docstrings", flush=True)
     cells = [("dense", 1.0)] + [(k, b) for b in budgets for k in ("narrow", *STRATEGIES)]
     if args.strategies:

@@ -57,7 +57,7 @@ def dense_model(corpus: Corpus, args: argparse.Namespace) -> nn.Module:
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     started = time.time()
-    corpus = load_corpus(args.corpus_bytes)
+    corpus = load_corpus(args.corpus_bytes, args.corpus_file)
     print(
         f"corpus: {corpus.train.numel() + corpus.val.numel():,} bytes of stdlib docstrings ({time.time() - started:.0f}s)"
     )

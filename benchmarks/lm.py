@@ -74,9 +74,15 @@ class Corpus:
         return windows[:, :-1], windows[:, 1:]
 
 
-def load_corpus(limit: int) -> Corpus:
-    """The first 90 % of the docstrings for training, the rest for validation."""
-    data = torch.frombuffer(bytearray(stdlib_docstrings(limit)), dtype=torch.uint8).long()
+def load_corpus(limit: int, path: str | Path | None = None) -> Corpus:
+    """The first 90 % of the docstrings for training, the rest for validation.
+
+    ``path``: read the bytes from this file instead (``limit`` is then ignored), e.g. the docstrings
+    written out on one machine, so that another Python, whose standard library differs, trains on
+    the same text.
+    """
+    text = Path(path).read_bytes() if path else stdlib_docstrings(limit)
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     cut = int(0.9 * data.numel())
     return Corpus(data[:cut], data[cut:])
 
@@ -224,4 +230,5 @@ def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--val-windows", type=int, default=192, help="validation windows of --context bytes")
     parser.add_argument("--corpus-bytes", type=int, default=1_200_000)
+    parser.add_argument("--corpus-file", help="train on this file's bytes instead of the stdlib docstrings")
     parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
