@@ -177,9 +177,11 @@ def _clone_time(x: Tensor, inner: int, device: str) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def measure(shape: tuple[int, int], rounds: int, device: str) -> dict[str, tuple[float, ...]]:
+def measure(
+    shape: tuple[int, int], rounds: int, device: str, only: list[str] | None = None
+) -> dict[str, tuple[float, ...]]:
     """Median per-round ratios ``(fwd, bwd, old fwd, old bwd)`` (NaN: no old formula) per case."""
-    cases = make_cases(shape, device)
+    cases = {name: case for name, case in make_cases(shape, device).items() if not only or name in only}
     x = torch.randn(math.prod(shape), device=device)
     inner = max(1, 1_000_000 // x.numel())  # small weights: time many calls per sample
     ratios: dict[str, list[tuple[float, ...]]] = {name: [] for name in cases}
@@ -204,9 +206,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", nargs="+", choices=tuple(SHAPES), help="weight sizes to run (default: all)")
+    parser.add_argument("--only", nargs="+", help="generator cases to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes = ("10K", "100K") if args.quick else tuple(SHAPES)
+    sizes = args.sizes or (("10K", "100K") if args.quick else tuple(SHAPES))
     rounds = 3 if args.quick else args.rounds
     print(
         f"time / clone() of the weight, median of {rounds} interleaved rounds; {args.device}, {args.threads} thread(s)"
@@ -215,7 +219,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for size in sizes:
-        for name, (fwd, bwd, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device).items():
+        for name, (fwd, bwd, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device, args.only).items():
             print(f"{name:<12} {size:>5} {_fmt(fwd):>7} {_fmt(bwd):>7} {_fmt(old_fwd):>11} {_fmt(old_bwd):>11}")
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import _MASK32, hash_rows, hashed_blocks, masked_tile, skew_tile
+from .kernels import _MASK32, hash_rows, hashed_blocks, masked_tile, skew_tile, template_mix
 from .runtime import CACHE_ATTR, generate_cached
 
 __all__ = [
@@ -101,12 +101,10 @@ class TemplateMix(WeightGenerator):
             self.register_parameter("coefficients", None)
 
     def forward(self, bank: Tensor) -> Tensor:
-        n, k = self.numel, self.templates
-        block = bank.narrow(0, self.offset, k * n)
         if self.coefficients is None:
-            return self._finish(block)
-        flat = self.coefficients.to(bank.dtype) @ block.view(k, n)  # (K,) @ (K, n) -> (n,)
-        return self._finish(flat)
+            return self._finish(bank.narrow(0, self.offset, self.numel))
+        flat = template_mix(bank, self.coefficients.to(bank.dtype), self.offset, self.numel, self.gain)
+        return flat.view(self.shape)  # the gain is folded into the K coefficients, not the n outputs
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
@@ -154,10 +152,8 @@ class EmbeddingMix(WeightGenerator):
         return torch.softmax(logits, 0) if self.normalize == "softmax" else logits
 
     def forward(self, bank: Tensor, map_weight: Tensor, map_bias: Tensor) -> Tensor:
-        n, k = self.numel, self.templates
-        coefficients = self.coefficients(map_weight, map_bias)
-        flat = coefficients @ bank.narrow(0, self.offset, k * n).view(k, n)
-        return self._finish(flat)
+        flat = template_mix(bank, self.coefficients(map_weight, map_bias), self.offset, self.numel, self.gain)
+        return flat.view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
