@@ -21,10 +21,19 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import _MASK32, hash_rows, hashed_blocks, masked_tile, skew_tile, template_mix
+from .kernels import (
+    _MASK32,
+    LerpPlan,
+    bilinear,
+    hash_rows,
+    hashed_blocks,
+    lerp_plan,
+    masked_tile,
+    skew_tile,
+    template_mix,
+)
 from .runtime import CACHE_ATTR, generate_cached
 
 __all__ = [
@@ -222,12 +231,22 @@ class Interpolate(WeightGenerator):
         self.offset = int(offset)
         self.grid = (int(grid[0]), int(grid[1]))
         self.view2d = (self.shape[0], self.numel // self.shape[0])
+        # The stretch's two sparse matrices (2 entries per output row/column; the gain folded into
+        # the rows'), as non-persistent buffers: O(rows + columns) values, rebuilt from the plan.
+        for axis, plan in (
+            ("rows", lerp_plan(self.view2d[0], self.grid[0], self.gain)),
+            ("cols", lerp_plan(self.view2d[1], self.grid[1])),
+        ):
+            for field, tensor in zip(LerpPlan._fields, plan, strict=True):
+                self.register_buffer(f"_{axis}_{field}", tensor, persistent=False)
+
+    def _plan(self, axis: str) -> LerpPlan:
+        return LerpPlan(*(getattr(self, f"_{axis}_{field}") for field in LerpPlan._fields))
 
     def forward(self, bank: Tensor) -> Tensor:
         rows, cols = self.grid
-        block = bank.narrow(0, self.offset, rows * cols).view(1, 1, rows, cols)
-        full = F.interpolate(block, size=self.view2d, mode="bilinear", align_corners=True)
-        return self._finish(full.reshape(-1))
+        block = bank.narrow(0, self.offset, rows * cols).view(rows, cols)
+        return bilinear(block, self._plan("rows"), self._plan("cols")).view(self.shape)  # gain in the rows' plan
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, grid={self.grid}"
