@@ -189,7 +189,7 @@ class Repeat(WeightGenerator):
         self.offset = int(offset)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return skew_tile(self._scaled(bank), self.numel, self.offset).view(self.shape)
+        return skew_tile(bank, self.numel, self.offset, self.gain).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}"
@@ -274,7 +274,7 @@ class Mask(WeightGenerator):
         self.mask = nn.Parameter(signs)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return masked_tile(self._scaled(bank), self.mask.to(bank.dtype), self.numel, self.offset).view(self.shape)
+        return masked_tile(bank, self.mask.to(bank.dtype), self.numel, self.offset, self.gain).view(self.shape)
 
 
 class Hash(WeightGenerator):
