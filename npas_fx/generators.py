@@ -69,10 +69,6 @@ class WeightGenerator(nn.Module):
         state.pop(CACHE_ATTR, None)  # a cached weight is derived data: never saved or copied
         return state
 
-    def _scaled(self, bank: Tensor) -> Tensor:
-        # The gain scales the small bank, not the large output (the same values: one multiply each).
-        return bank * self.gain if self.gain != 1.0 else bank
-
     def _finish(self, flat: Tensor) -> Tensor:
         # A gain of exactly 1 (copied weights) skips the multiply so copies stay bit-exact.
         if self.gain != 1.0:
@@ -325,7 +321,7 @@ class Hash(WeightGenerator):
             )
         else:
             rows = self.rows
-        return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
+        return hashed_blocks(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"

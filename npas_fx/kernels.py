@@ -310,10 +310,11 @@ def slot_count(size: int, chunk: int) -> int:
 
 class _HashBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
+    def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
         size = bank.numel()
         slots = slot_count(size, chunk)
-        extended = _extend(bank, slots * chunk)  # the last slot wraps around to the bank's start
+        extended = _scaled_bank(_extend(bank, slots * chunk), gain)  # the last slot wraps to the bank's start
+        ctx.gain = gain
         table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
         ctx.save_for_backward(rows)
         ctx.shape = (size, chunk, numel)
@@ -323,7 +324,7 @@ class _HashBlocks(torch.autograd.Function):
         return out if out.numel() == numel else out.narrow(0, 0, numel)  # the last block may be partial
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (rows,) = ctx.saved_tensors
         size, chunk, numel = ctx.shape
         slots = slot_count(size, chunk)
@@ -340,11 +341,12 @@ class _HashBlocks(torch.autograd.Function):
             )
             table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
         signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
-        return _fold(signed.view(-1), size), None, None, None
+        return _scale(_fold(signed.view(-1), size), ctx.gain), None, None, None, None
 
 
-def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
-    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed slot table.
+def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float = 1.0) -> Tensor:
+    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed slot table
+    (of the bank times ``gain``: the same values as hashing ``bank * gain``).
 
     The bank, wrapped to ``m * chunk`` values (``m`` = :func:`slot_count`), is cut into ``m`` slots
     of ``chunk`` contiguous values; row ``s < m`` of the table is slot ``s``, row ``m + s`` its
@@ -358,7 +360,7 @@ def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
     blocks = -(-numel // chunk)
     if rows.shape != (blocks,):
         raise ValueError(f"`rows` should hold {blocks} block indices for {numel} values in chunks of {chunk}.")
-    return _HashBlocks.apply(bank, rows, numel, chunk)
+    return _HashBlocks.apply(bank, rows, numel, chunk, float(gain))
 
 
 def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:

@@ -295,7 +295,8 @@ def test_chunked_hash_is_deterministic_and_salted():
 def test_hashed_blocks_gradcheck(size, numel, chunk):
     rows = hash_rows(numel, chunk, 3, size)
     bank = _bank(size).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda b: _HashBlocks.apply(b, rows, numel, chunk), (bank,))
+    assert torch.autograd.gradcheck(lambda b: _HashBlocks.apply(b, rows, numel, chunk, 1.0), (bank,))
+    assert torch.autograd.gradcheck(lambda b: hashed_blocks(b, rows, numel, chunk, 0.6), (bank,))
     gen = Hash((numel,), salt=3, gain=1.4, chunk=chunk, bank_size=size).double()
     assert torch.autograd.gradcheck(gen, (bank,))
 
