@@ -12,6 +12,9 @@ Weights under 1M values are timed over ``1M / numel`` calls per sample (per-call
 part of the ratio, as it is in training).
 
 Both are divided by the time of ``x.clone()`` of a same-size ``x`` measured in the same round.
+``bank clone``: where the bank is larger than the weight (the mixers read ``K`` templates of the
+weight's size), a clone of the bank in the same unit: their physical floor, since backward must
+write the bank's gradient (and forward read the templates).
 ``clone()``'s own backward hands the gradient through untouched (no read, no write), so the clone's
 forward time (one read and one write of the weight) is the unit for both columns. Cases and the
 clone run interleaved, round after round; the table gives the median over rounds of the per-round
@@ -184,7 +187,8 @@ def _clone_time(x: Tensor, inner: int, device: str) -> float:
 def measure(
     shape: tuple[int, int], rounds: int, device: str, only: list[str] | None = None
 ) -> dict[str, tuple[float, ...]]:
-    """Median per-round ratios ``(fwd, bwd, old fwd, old bwd)`` (NaN: no old formula) per case."""
+    """Median per-round ratios ``(fwd, bwd, bank clone, old fwd, old bwd)`` per case (NaN: no old
+    formula; no bank clone where the bank is not larger than the weight)."""
     cases = {name: case for name, case in make_cases(shape, device).items() if not only or name in only}
     x = torch.randn(math.prod(shape), device=device)
     inner = max(1, 1_000_000 // x.numel())  # small weights: time many calls per sample
@@ -194,10 +198,11 @@ def measure(
             clone = _clone_time(x, inner, device)
             new = _forward_backward(case.run, case.inputs, inner, device)
             old = _forward_backward(case.run_old, case.inputs, inner, device) if case.old else (math.nan, math.nan)
+            bank = _clone_time(case.bank.detach(), inner, device) if case.bank.numel() > x.numel() else math.nan
             clone = min(clone, _clone_time(x, inner, device))  # the clone on both sides of the case
             if round_:
-                ratios[name].append(tuple(t / clone for t in (*new, *old)))
-    return {name: tuple(statistics.median(r[i] for r in rows) for i in range(4)) for name, rows in ratios.items()}
+                ratios[name].append(tuple(t / clone for t in (*new, bank, *old)))
+    return {name: tuple(statistics.median(r[i] for r in rows) for i in range(5)) for name, rows in ratios.items()}
 
 
 def _fmt(value: float) -> str:
@@ -222,12 +227,17 @@ def main() -> None:
         f"time / clone() of the weight, median of {rounds} interleaved rounds; {args.device}, {args.threads} thread(s), "
         f"{args.clock} clock"
     )
-    head = f"{'generator':<12} {'size':>5} {'fwd':>7} {'bwd':>7} {'fwd before':>11} {'bwd before':>11}"
+    head = (
+        f"{'generator':<12} {'size':>5} {'fwd':>7} {'bwd':>7} {'bank clone':>11} {'fwd before':>11} {'bwd before':>11}"
+    )
     print(head)
     print("-" * len(head))
     for size in sizes:
-        for name, (fwd, bwd, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device, args.only).items():
-            print(f"{name:<12} {size:>5} {_fmt(fwd):>7} {_fmt(bwd):>7} {_fmt(old_fwd):>11} {_fmt(old_bwd):>11}")
+        for name, (fwd, bwd, bank, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device, args.only).items():
+            print(
+                f"{name:<12} {size:>5} {_fmt(fwd):>7} {_fmt(bwd):>7} {_fmt(bank):>11} {_fmt(old_fwd):>11} "
+                f"{_fmt(old_bwd):>11}"
+            )
 
 
 if __name__ == "__main__":
