@@ -200,7 +200,8 @@ def _unskew_copies(grad: Tensor, lay: _TileLayout) -> Tensor:
 def _tile_backward(grad: Tensor, lay: _TileLayout) -> Tensor:
     """The bank's gradient from the tiles' ``grad``: the adjoint of :func:`_tile`."""
     size, start = lay.size, lay.head
-    if not lay.blocks and grad.numel() <= FEW_OPS_BELOW:  # fewer copies than P, a small weight: few ops
+    # Fewer copies than P and a small weight: few ops (eager only: compiled, the per-copy adds fuse).
+    if not lay.blocks and grad.numel() <= FEW_OPS_BELOW and not torch.compiler.is_compiling():
         summed = _unskew_copies(grad, lay)  # length P + R <= 2P + 1
         extra = summed.numel() - size
         if extra > size:  # R = P + 1: a third partial copy
