@@ -24,7 +24,8 @@ forward), kept below as reference implementations, in the same rounds. Targets: 
 backward within 3x.
 
 Run: ``python benchmarks/generators.py`` (a few minutes on 1 CPU thread; ``--quick``: 10K and 100K,
-3 rounds; ``--device cuda`` on a GPU; ``--threads N``).
+3 rounds; ``--device cuda`` on a GPU; ``--threads N``; ``--sizes 1M 4M`` and ``--only repeat mask`` pick rows;
+``--clock cpu`` times process CPU time, less disturbed by other jobs on a shared machine).
 """
 
 from __future__ import annotations

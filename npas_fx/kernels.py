@@ -18,6 +18,10 @@ Both kernels here reach it without integer index tensors over the weight:
   is one value: per-element HashedNets hashing.
 * :func:`window_mix` (``superweight``): each SuperWeight mixes ``K`` templates of one bank window.
   The gathered windows (``K`` times the weight's size) are recomputed in backward, not kept.
+* :func:`template_mix` (``wavg``, ``emb``): one ``(1, K) @ (K, n)`` product; backward writes the
+  bank's gradient once (a broadcast multiply) and reads the templates once (the coefficients').
+* :func:`bilinear` (``interpolate``): a separable stretch, each axis a sparse matrix of two entries
+  per row (:func:`lerp_plan`, precomputed) applied with ``F.embedding_bag``, its transpose likewise.
 
 Example:
     >>> import torch
@@ -492,7 +496,7 @@ def template_mix(bank: Tensor, coefficients: Tensor, offset: int, numel: int, ga
 
     Example:
         >>> template_mix(torch.arange(6.0), torch.tensor([1.0, 2.0]), 0, 3, gain=0.5).tolist()
-        [1.5, 2.5, 3.5]
+        [3.0, 4.5, 6.0]
     """
     k = coefficients.numel()
     if coefficients.dim() != 1 or offset < 0 or offset + k * numel > bank.numel():
