@@ -69,6 +69,11 @@ class WeightGenerator(nn.Module):
         state.pop(CACHE_ATTR, None)  # a cached weight is derived data: never saved or copied
         return state
 
+    def _scaled(self, bank: Tensor) -> Tensor:
+        # The gain scales the small bank, not the large output (the same values: one multiply each).
+        # The tiling and hashing kernels take the gain themselves (no extra autograd node).
+        return bank * self.gain if self.gain != 1.0 else bank
+
     def _finish(self, flat: Tensor) -> Tensor:
         # A gain of exactly 1 (copied weights) skips the multiply so copies stay bit-exact.
         if self.gain != 1.0:
