@@ -531,7 +531,9 @@ def lerp_plan(out: int, size: int, scale: float = 1.0) -> LerpPlan:
         [[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]]
     """
     step = (size - 1) / (out - 1) if out > 1 else 0.0
-    source = torch.arange(out, dtype=torch.float64) * step
+    # On the CPU whatever the default device (plans are checked under the meta device, where
+    # bincount has no kernel); the buffers follow the module to its device like any other.
+    source = torch.arange(out, dtype=torch.float64, device="cpu") * step
     low = source.floor().long().clamp(max=size - 1)
     high = (low + 1).clamp(max=size - 1)
     frac = source - low

@@ -163,3 +163,12 @@ def test_shared_window_superweights_equal_the_batched_formula_with_gradients():
     torch.testing.assert_close(new, ref)
     for a, b in zip(new_grads, old_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_interpolate_builds_under_the_meta_device():
+    # plan checks build generators under torch.device("meta"), where bincount has no kernel
+    with torch.device("meta"):
+        gen = Interpolate((6, 4), offset=0, grid=(2, 2))
+    torch.testing.assert_close(
+        gen(_bank(4, torch.float32)), old_interpolate(_bank(4, torch.float32).view(2, 2), (6, 4))
+    )
