@@ -13,14 +13,14 @@ steps (SSN's "10-15 % of a run"), then the final model is trained from scratch f
 SWN's search time adds its refinement model (half as many steps).
 
 Run: ``python benchmarks/accuracy.py`` (about 15 minutes on 2 CPU cores; ``--quick`` for a smoke
-run). Writes ``docs/accuracy.md`` (the table) and ``docs/accuracy.png`` (the plot). A filtered run
+run). Writes the table into ``docs/accuracy.md`` (between its ``<!-- table -->`` markers, so the
+study below it survives) and ``docs/accuracy.png`` (the plot). A filtered run
 (``--strategies hash --budgets 0.05 0.1 --hash-chunk 1``) only prints its rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,14 +32,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
+from benchmarks.sweep import SEARCH_SHARE, build, mean_std, method_table, plot, search_notes, write_marked  # noqa: E402
 from examples.digits import DigitsSplit, accuracy, load_digits_split, train  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.25, 1.0, 2.0, 4.0)
 STRATEGIES = ("hash", "shape", "single", "random", "ssn", "swn")
-LEARNED = ("ssn", "swn")
 WIDTH = 8
 BATCH = 64
-SEARCH_SHARE = 0.15
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -114,67 +113,30 @@ def run_one(
 ) -> dict:
     torch.manual_seed(seed)
     model = ResidualDigitsCNN()
-    original = npas_fx.count_parameters(model)
-    target = round(budget * original)
     start = time.perf_counter()
-    shape = None
-    if strategy == "dense":
-        net, params = model, original
-    elif strategy == "narrow":
+
+    def narrowed(target: int) -> tuple[nn.Module, tuple[int, int]]:
         torch.manual_seed(seed)
         shape = narrow_shape(target)
-        net = ResidualDigitsCNN(*shape)
-        params = npas_fx.count_parameters(net)
-    else:
-        extra = {}
-        if strategy in LEARNED:
-            steps = epochs * -(-len(data.train_y) // BATCH)
-            extra = dict(
-                data=batches_for(data, seed),
-                loss_fn=F.cross_entropy,
-                search_steps=max(1, round(SEARCH_SHARE * steps)),
-                options={"progress": False},
-            )
-        net = npas_fx.compile(model, budget, strategy=strategy, seed=seed, generators=config, **extra)
-        params = npas_fx.count_parameters(net)
-        assert params == target, f"{strategy} at {budget}: {params} != {target}"
-    search = time.perf_counter() - start
+        return ResidualDigitsCNN(*shape), shape
+
+    def learned() -> dict:
+        steps = epochs * -(-len(data.train_y) // BATCH)
+        search_steps = max(1, round(SEARCH_SHARE * steps))
+        return dict(data=batches_for(data, seed), loss_fn=F.cross_entropy, search_steps=search_steps)
+
+    net, run = build(strategy, budget, seed, model, narrowed, learned, generators=config)
     train(net, data, epochs=epochs, seed=seed)
-    plan = npas_fx.plan_of(net) if strategy not in ("dense", "narrow") else None
-    return {
-        "acc": accuracy(net, data),
-        "params": params,
-        "search_s": search,
-        "total_s": time.perf_counter() - start,
-        "groups": len(plan.groups) if plan else None,
-        "threshold": plan.provenance.get("threshold") if plan else None,
-        "shape": shape,
-    }
-
-
-def _cell(values: list[float]) -> str:
-    mean = statistics.fmean(values) * 100
-    std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    return {**run, "acc": accuracy(net, data), "total_s": time.perf_counter() - start}
 
 
 def table(results: dict, budgets: tuple[float, ...], original: int, seeds: int, epochs: int, seconds: float) -> str:
-    head = "| method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"
     lines = [
         f"Test accuracy (%) on digits, mean ± std over {seeds} seeds, {epochs} epochs; ResidualDigitsCNN "
         f"(width {WIDTH}, {original:,} parameters). Budgets are fractions of its trainable parameters.",
         "",
-        head,
-        "|" + "---|" * (len(budgets) + 1),
+        *method_table(results, budgets, STRATEGIES, lambda runs: mean_std([r["acc"] for r in runs], 1, 100)),
     ]
-    dense = results.get(("dense", 1.0))
-    if dense:
-        cells = [_cell([r["acc"] for r in dense]) if b == 1.0 else "" for b in budgets]
-        lines.append("| dense original | " + " | ".join(cells) + " |")
-    rows = [("narrow", "dense narrowed/widened")] + [(s, f"npas_fx `{s}`") for s in STRATEGIES]
-    for key, label in rows:
-        cells = [_cell([r["acc"] for r in results[(key, b)]]) if (key, b) in results else "" for b in budgets]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     narrow = [(b, results[("narrow", b)][0]) for b in budgets if ("narrow", b) in results]
     lines += [
         "",
@@ -182,62 +144,10 @@ def table(results: dict, budgets: tuple[float, ...], original: int, seeds: int, 
         "fraction of the original: "
         + "; ".join(f"{b:.0%}: w={r['shape'][0]}, h={r['shape'][1]}, {r['params'] / original:.1%}" for b, r in narrow)
         + " (npas_fx models hit the budget exactly).",
+        *search_notes(results, budgets),
+        f"Whole benchmark: {seconds / 60:.1f} min on this machine.",
     ]
-    for s in LEARNED:
-        cells = [
-            f"{b:.0%}: {statistics.fmean(r['search_s'] for r in results[(s, b)]):.1f} s"
-            for b in budgets
-            if (s, b) in results
-        ]
-        if cells:
-            lines.append(f"Mean `{s}` search + compile time: " + ", ".join(cells) + ".")
-    swn = [
-        (b, [r["groups"] for r in results[("swn", b)]], [r["threshold"] for r in results[("swn", b)]])
-        for b in budgets
-        if ("swn", b) in results
-    ]
-    if swn:
-        lines.append(
-            "`swn` groups / threshold reached per seed: " + "; ".join(f"{b:.0%}: {g} / {t}" for b, g, t in swn) + "."
-        )
-    lines.append(f"Whole benchmark: {seconds / 60:.1f} min on this machine.")
     return "\n".join(lines)
-
-
-def plot(results: dict, budgets: tuple[float, ...], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in ("narrow", *STRATEGIES):
-        xs = [b for b in budgets if (key, b) in results]
-        if not xs:
-            continue
-        accs = [[r["acc"] * 100 for r in results[(key, b)]] for b in xs]
-        means = [statistics.fmean(a) for a in accs]
-        stds = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
-        style = {"linestyle": "--", "color": "black"} if key == "narrow" else {}
-        label = "dense narrowed/widened" if key == "narrow" else key
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label, **style)
-    if ("dense", 1.0) in results:
-        ax.axhline(
-            statistics.fmean(r["acc"] * 100 for r in results[("dense", 1.0)]),
-            color="gray",
-            linestyle=":",
-            label="dense original",
-        )
-    ax.set_xscale("log")
-    ax.set_xticks(budgets, [f"{b:.0%}" for b in budgets])
-    ax.set_xlabel("parameter budget (fraction of the original, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits: accuracy vs budget (mean ± std over seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -273,8 +183,9 @@ def main() -> None:
     print("\n" + text)
     if not args.quick and not args.strategies and not args.budgets and args.hash_chunk is None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "accuracy.md").write_text(text + "\n", encoding="utf-8")
-        plot(results, budgets, args.out / "accuracy.png")
+        write_marked(args.out / "accuracy.md", text)
+        labels = ("test accuracy (%)", "digits: accuracy vs budget (mean ± std over seeds)")
+        plot(results, budgets, STRATEGIES, lambda r: r["acc"] * 100, labels, args.out / "accuracy.png")
         print(f"\nwrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.png'}")
 
 

@@ -17,22 +17,19 @@ run). Writes ``docs/compress.md`` unless ``--no-write``.
 from __future__ import annotations
 
 import argparse
-import ast
-import math
 import statistics
 import sys
-import sysconfig
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
+from benchmarks.lm import ByteLM, Corpus, add_lm_arguments, bits_per_byte, load_corpus, train  # noqa: E402
+from benchmarks.sweep import mean_std, write_marked  # noqa: E402
 from npas_fx.fit import weight_errors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,133 +38,7 @@ STRATEGIES = ("shape", "hash")
 INITS = ("fit", "random")
 
 
-# ---- data ---------------------------------------------------------------------------------------
-def stdlib_docstrings(limit: int) -> bytes:
-    """Docstrings of the Python standard library (modules, classes, functions), about ``limit`` bytes."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}
-    parts, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if skip.intersection(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    parts.append(doc.encode("utf-8"))
-                    size += len(parts[-1]) + 2
-        if size >= limit:
-            break
-    return b"\n\n".join(parts)
-
-
-@dataclass
-class Corpus:
-    train: Tensor  # (N,) int64 bytes
-    val: Tensor
-
-    def batch(self, size: int, context: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        starts = torch.randint(0, self.train.numel() - context - 1, (size,), generator=generator)
-        windows = torch.stack([self.train[s : s + context + 1] for s in starts.tolist()])  # (B, T+1)
-        return windows[:, :-1], windows[:, 1:]
-
-
-def load_corpus(limit: int) -> Corpus:
-    data = torch.frombuffer(bytearray(stdlib_docstrings(limit)), dtype=torch.uint8).long()
-    cut = int(0.9 * data.numel())
-    return Corpus(data[:cut], data[cut:])
-
-
-# ---- model (nanoGPT-style, one file) -------------------------------------------------------------
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, 4 * dim)
-        self.out = nn.Linear(4 * dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
-        q, k, v = (z.reshape(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, h, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class ByteLM(nn.Module):
-    def __init__(self, dim: int, layers: int, heads: int, context: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(256, dim)
-        self.position = nn.Embedding(context, dim)
-        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(layers)))
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 256, bias=False)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.blocks(self.embed(tokens) + self.position(positions))
-        return self.head(self.ln(h))  # (B, T, 256)
-
-
-# ---- training -----------------------------------------------------------------------------------
-def bits_per_byte(model: nn.Module, corpus: Corpus, context: int, windows: int) -> float:
-    model.eval()
-    step = max(1, (corpus.val.numel() - context - 1) // windows)
-    starts = list(range(0, corpus.val.numel() - context - 1, step))[:windows]
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(starts), 32):
-            chunk = torch.stack([corpus.val[s : s + context + 1] for s in starts[i : i + 32]])
-            logits = model(chunk[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum"))
-    model.train()
-    return total / (len(starts) * context) / math.log(2)
-
-
-def train(
-    model: nn.Module,
-    corpus: Corpus,
-    steps: int,
-    lr: float,
-    args: argparse.Namespace,
-    seed: int,
-    teacher: nn.Module | None = None,
-) -> None:
-    """AdamW with warm-up and cosine decay; with a ``teacher``, half the loss is KL to its predictions."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
-    model.train()
-    for step in range(steps):
-        x, y = corpus.batch(args.batch, args.context, generator)
-        logits = model(x).reshape(-1, 256)
-        loss = F.cross_entropy(logits, y.reshape(-1))
-        if teacher is not None:
-            with torch.no_grad():
-                target = F.log_softmax(teacher(x).reshape(-1, 256), -1)
-            kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
-            loss = 0.5 * loss + 0.5 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if args.verbose and (step + 1) % 100 == 0:
-            print(f"    step {step + 1}/{steps}: loss {float(loss):.3f}", flush=True)
-
-
+# ---- the trained dense model ------------------------------------------------------------------
 def dense_model(corpus: Corpus, args: argparse.Namespace) -> nn.Module:
     """The trained dense model (loaded from ``--dense`` when that file exists, else trained and saved there)."""
     torch.manual_seed(0)
@@ -183,16 +54,10 @@ def dense_model(corpus: Corpus, args: argparse.Namespace) -> nn.Module:
 
 
 # ---- the table ----------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     started = time.time()
-    corpus = load_corpus(args.corpus_bytes)
+    corpus = load_corpus(args.corpus_bytes, args.corpus_file)
     print(
         f"corpus: {corpus.train.numel() + corpus.val.numel():,} bytes of stdlib docstrings ({time.time() - started:.0f}s)"
     )
@@ -237,15 +102,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps of each compiled model")
     parser.add_argument("--dense-steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    add_lm_arguments(parser)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--val-windows", type=int, default=192)
-    parser.add_argument("--corpus-bytes", type=int, default=1_200_000)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--threads", type=int, default=2)
@@ -253,7 +111,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--distill", action="store_true", help="add fit+KD rows: fine-tune half on the dense model's KL"
     )
     parser.add_argument("--dense", default="", help="file to load the trained dense model from (or save it to)")
-    parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.quick:
@@ -270,14 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     filtered = args.budgets != list(BUDGETS) or args.strategies != list(STRATEGIES) or args.distill
     if not args.quick and not args.no_write and not filtered:
         target = ROOT / "docs" / "compress.md"
-        text = target.read_text() if target.exists() else ""
-        marker = "<!-- table -->"
-        if marker in text:
-            head, _, rest = text.partition(marker)
-            tail = rest.partition("<!-- /table -->")[2]
-            target.write_text(f"{head}{marker}\n{table}\n<!-- /table -->{tail}")
-        else:
-            target.write_text(f"{marker}\n{table}\n<!-- /table -->\n")
+        write_marked(target, table)
         print(f"wrote {target.relative_to(ROOT)}")
 
 

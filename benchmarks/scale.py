@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,7 +123,9 @@ def main() -> None:
         print(json.dumps(measure(*args.child)))
         return
     sizes = list(SIZES)[:2] if args.quick else args.sizes
-    print(f"torch {torch.__version__}; BertForMaskedLM, random config; budget {BUDGET}; one process per case\n")
+    print(f"torch {torch.__version__}; BertForMaskedLM, random config; budget {BUDGET}; one process per case")
+    # Times depend on what else runs (memory does not): say how busy the machine was.
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     header = f"{'size':<7} {'hidden':>6} {'layers':>6} {'params':>12} {'strategy':<8} {'compile s':>9} "
     print(header + f"{'peak MiB':>9} {'x model':>7}")
     results = []
@@ -136,6 +139,7 @@ def main() -> None:
                 f"{r['peak']:>9.0f} {r['peak'] / r['model_mib']:>7.2f}",
                 flush=True,
             )
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
     if not args.no_plot:
         plot(results, ROOT / "docs" / "scale.png")
         print("\nwrote docs/scale.png")

@@ -41,7 +41,7 @@ from .plan import GroupPlan, KeptParam, LayerPlan, OpaqueModule, Plan
 from .plan_checks import check_plan_fits
 from .recompute import set_recompute
 from .runtime import attach_runtime
-from .shared_params import SharedParameters, target_std, wide_std
+from .shared_params import SAMPLE, SharedParameters, target_std, wide_std
 from .strategies import STRATEGIES, Grouping, StrategyContext
 from .superweights import plan_superweights
 from .validation import split_mixed_groups
@@ -236,7 +236,7 @@ def _initialise(
     for i, layer in enumerate(layers):
         gain = 1.0
         if not layer.copied:
-            produced = wide_std(shared.generate(i)) if layer.numel > 1 else 0.0
+            produced = wide_std(shared.generate_sample(i, SAMPLE)) if layer.numel > 1 else 0.0
             gain = targets[i] / produced if produced > 0 and math.isfinite(produced) else 1.0
         shared.generators[f"l{i}"].gain = gain
         result.append(replace(layer, gain=gain))

@@ -2,7 +2,8 @@
 
 Pipeline (every check happens before anything is built; the input model is never modified)::
 
-    validate -> copy + trace -> collect_params -> strategy (groups) -> allocate (exact budget)
+    validate -> copy (sharing the weights to replace) + trace -> collect_params -> strategy (groups)
+             -> allocate (exact budget)
              -> plan -> build banks & generators -> insert_generators (rewrite) -> verify count
 
 Example:
@@ -15,18 +16,22 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import fx, nn
 
 from .budget import GeneratorConfig, resolve_budget
 from .build import PLAN_KEY, SHARED_NAME, BuildSettings, build, count_parameters
+from .passes.insert_generators import forget_flat_weights
 from .passes.run_example import ModuleRunError, run_example
 from .passes.trace import trace
 from .plan import Plan
+from .runtime import INDEX_ATTR, SHARED_ATTR, uncached
 from .validation import check_arguments, check_budget_size, check_model
+from .workcopy import SharedWeightWrite, full_copy, working_copy
 
 __all__ = ["compile", "plan_of", "count_parameters"]
 
@@ -44,10 +49,58 @@ def plan_of(gm: nn.Module) -> Plan:
 
 
 # ---- validation (argument checks live in npas_fx.validation) ------------------------------------
+@contextlib.contextmanager
+def _bound_per_module(root: nn.Module) -> Iterator[None]:
+    """Inside the block, each module owning generated weights gets them bound for its own forward
+    only: generated as it starts, dropped as it ends (a read elsewhere generates on its own)."""
+
+    def bind(owner: nn.Module, *_: Any) -> None:
+        shared = owner.__dict__[SHARED_ATTR]
+        for name, index in owner.__dict__[INDEX_ATTR].items():
+            owner._parameters[name] = shared.generate(index)
+
+    def unbind(owner: nn.Module, *_: Any) -> None:
+        for name in owner.__dict__[INDEX_ATTR]:
+            owner._parameters[name] = None
+        forget_flat_weights(owner, tuple(owner.__dict__[INDEX_ATTR]))
+
+    owners = [m for m in root.modules() if INDEX_ATTR in m.__dict__ and SHARED_ATTR in m.__dict__]
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(bind), m.register_forward_hook(unbind))]
+    try:
+        with uncached():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner in owners:
+            unbind(owner)
+
+
+def _run_check(gm: fx.GraphModule, example_inputs: Any, prefix: str) -> None:
+    """Run ``gm`` once on the example, holding about one generated weight at a time.
+
+    A traced graph drops each generated weight after its last reader. A root that runs as one
+    leaf would take all of them at once (its forward binds every weight before the call: the
+    model's size again), so the check runs that root itself, each layer binding its own weights.
+    """
+    if not prefix:
+        with uncached():
+            run_example(gm, example_inputs, training=None)
+        return
+    root = gm.get_submodule(prefix[:-1])
+    try:
+        with _bound_per_module(root):
+            run_example(root, example_inputs, training=None)
+    except ModuleRunError as error:
+        raise ModuleRunError(prefix + error.path if error.path else prefix[:-1], error.module_type, error.error) from (
+            error.error
+        )
+
+
 def _check_runs(gm: fx.GraphModule, model: nn.Module, example_inputs: Any, prefix: str, generated: list[str]) -> None:
     """Run ``gm`` once on the example; a module that fails with generated parameters is named."""
     try:
-        run_example(gm, example_inputs, training=None)
+        _run_check(gm, example_inputs, prefix)
     except ModuleRunError as error:
         try:
             run_example(copy.deepcopy(model), example_inputs, training=None)  # a forward may edit its weights
@@ -152,10 +205,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
         target = resolve_budget(budget, original)
     check_budget_size(target, original, allow_large_budget)
 
-    work = copy.deepcopy(model)
     # A saved plan re-applies to the same leaves (its parameter names depend on them).
     leaves = frozenset(o.path for o in plan.opaque) if plan is not None else frozenset()
-    traced = trace(work, leaves, example_inputs)
+    work = working_copy(model)  # shares the weights generators replace: they are read, never copied
+    try:
+        with work.read_only():  # tracing runs the model's code (the check on example_inputs)
+            traced = trace(work.module, leaves, example_inputs)
+    except SharedWeightWrite:  # its forward writes its own weights: it gets a copy of its own
+        work = full_copy(model)
+        traced = trace(work.module, leaves, example_inputs)
     settings = BuildSettings(
         strategy=strategy,
         seed=int(seed),
@@ -172,6 +230,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         init=init,
     )
     gm = build(traced, target, settings)
+    work.release(gm, traced.root)  # weights left dense (kept, unused) get storage of their own
     if example_inputs is not None:
         generated = list(dict.fromkeys(a for layer in plan_of(gm).layers for a in (layer.name, *layer.aliases)))
         _check_runs(gm, model, example_inputs, traced.prefix, generated)

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -43,6 +44,7 @@ from torch import Tensor
 __all__ = [
     "skew_tile",
     "masked_tile",
+    "row_signs",
     "hashed_blocks",
     "hash_rows",
     "slot_count",
@@ -266,6 +268,17 @@ class _MaskedTile(torch.autograd.Function):
         return _scale(grad_bank, ctx.gain), grad_mask, None, None, None
 
 
+def row_signs(rows: int, salt: int, device: torch.device | None = None) -> Tensor:
+    """A fixed ``+1``/``-1`` per row, hashed from the row index and ``salt`` (``signed`` upsampling).
+
+    Example:
+        >>> row_signs(6, salt=3).tolist()
+        [-1.0, -1.0, -1.0, 1.0, -1.0, 1.0]
+    """
+    h = _mix32(torch.arange(rows, device=device, dtype=torch.int64) + ((salt * _SALT_MUL) & _MASK32))
+    return (_mix32(h + _SIGN_SALT) & 1).to(torch.get_default_dtype()) * 2 - 1
+
+
 def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int, gain: float = 1.0) -> Tensor:
     """:func:`skew_tile` with row ``o`` of its ``(len(mask), -1)`` view multiplied by ``mask[o]``.
 
@@ -368,6 +381,23 @@ def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: floa
     return _HashBlocks.apply(bank, rows, numel, chunk, float(gain))
 
 
+def _smallest(keys: Tensor, k: int) -> Tensor:
+    """``argsort(keys)[:k]`` for distinct keys in ``[0, 2**32)``, without sorting all of them.
+
+    Hash values are spread evenly, so about ``k`` of them lie below ``k / n * 2**32``: sort only
+    those below a threshold a little above it (raised until at least ``k`` are in).
+    """
+    n = keys.numel()
+    if 8 * k >= n or keys.is_meta:  # meta tensors (plan checks) have no values to select by
+        return torch.argsort(keys).narrow(0, 0, k)
+    want = k + 4 * math.isqrt(k) + 64
+    while True:
+        picked = torch.nonzero(keys < min(2**32, -(-want * 2**32 // n))).view(-1)
+        if picked.numel() >= k:
+            return picked.index_select(0, torch.argsort(keys.index_select(0, picked)).narrow(0, 0, k))
+        want *= 2
+
+
 def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.device | None = None) -> Tensor:
     """The row of the signed slot table (:func:`hashed_blocks`) that each block of ``chunk`` reads.
 
@@ -394,7 +424,9 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
     if chunk == 1:
         slot = torch.remainder(h, size)
     else:
-        slot = torch.argsort(h.view(rounds, slots), dim=1).view(-1).narrow(0, 0, blocks)
+        keys = h.view(rounds, slots)  # a layer smaller than the bank needs the start of one round only
+        order = [torch.argsort(keys[:-1], dim=1).view(-1)] if rounds > 1 else []
+        slot = torch.cat([*order, _smallest(keys[-1], blocks - (rounds - 1) * slots)])
         if numel % chunk and slots > 1:  # the partial last block swaps slots with the shortest one
             first = (blocks - 1) // slots * slots
             last_round = slot.narrow(0, first, blocks - first)

@@ -66,7 +66,7 @@ class LayerPlan:
             return f"superweight {rows}x{cols} K={self.templates} c{self.coefficient_set}"
         if self.generator == "interpolate" and self.grid:
             return f"interpolate x{self.numel / (self.grid[0] * self.grid[1]):.3g}"
-        if self.generator in ("repeat", "mask", "hash") and bank_size:
+        if self.generator in ("repeat", "signed", "mask", "hash") and bank_size:
             return f"{self.generator} x{self.numel / bank_size:.3g}"
         return self.generator
 

@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = ["PlanError", "check_plan", "check_plan_fits", "check_plan_dict", "GENERATORS"]
 
-GENERATORS = ("slice", "wavg", "emb", "repeat", "interpolate", "mask", "hash", "superweight")
+GENERATORS = ("slice", "wavg", "emb", "repeat", "signed", "interpolate", "mask", "hash", "superweight")
 
 
 class PlanError(ValueError):
@@ -85,7 +85,7 @@ def _check_window(layer: Any, field: str, bank: int) -> None:
             raise _fail(
                 f"{field}.offset", layer.offset, f"reads {layer.templates} x {n} values past its bank of {bank}"
             )
-    elif kind in ("repeat", "mask") and layer.offset >= bank:
+    elif kind in ("repeat", "signed", "mask") and layer.offset >= bank:
         raise _fail(f"{field}.offset", layer.offset, f"is past its bank of {bank}")
     elif kind == "interpolate":
         rows, cols = _ints(layer.grid, f"{field}.grid", 1, 2)

@@ -44,6 +44,7 @@ __all__ = [
     "attach_generated",
     "generate_cached",
     "cached",
+    "uncached",
     "clear_cache",
     "is_generated",
 ]
@@ -152,6 +153,7 @@ class _ExplicitCache(threading.local):
     def __init__(self) -> None:
         self.depth = 0
         self.tensors: dict[int, tuple[tuple, Tensor]] = {}
+        self.off = 0  # inside uncached(): nothing is cached
 
 
 _EXPLICIT = _ExplicitCache()
@@ -174,7 +176,7 @@ def generate_cached(generator: nn.Module, inputs: tuple[Tensor, ...], compute: A
     Caching is on in ``eval()`` with gradients disabled (``no_grad``, ``inference_mode``), and
     inside :func:`cached`; never while ``torch.compile`` traces (the compiled graph decides).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _EXPLICIT.off:
         return compute(*inputs)
     explicit = _EXPLICIT.depth > 0
     if not explicit and (generator.training or torch.is_grad_enabled()):
@@ -237,6 +239,17 @@ def cached(module: nn.Module | None = None) -> Iterator[None]:
         _EXPLICIT.depth -= 1
         if _EXPLICIT.depth == 0:
             _EXPLICIT.tensors.clear()
+
+
+@contextlib.contextmanager
+def uncached() -> Iterator[None]:
+    """Cache no generated weight inside the block, even in ``eval()`` without grad (a run that must
+    hold one weight at a time, such as the check ``npas_fx.compile`` runs on ``example_inputs``)."""
+    _EXPLICIT.off += 1
+    try:
+        yield
+    finally:
+        _EXPLICIT.off -= 1
 
 
 # ---- installing the runtime on a compiled model -------------------------------------------------

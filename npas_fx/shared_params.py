@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, TemplateMix, WeightGenerator
+from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, SignedRepeat, TemplateMix, WeightGenerator
 from .plan import GroupPlan, LayerPlan
 from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
@@ -72,6 +72,8 @@ def make_generator(
         return EmbeddingMix(layer.shape, layer.offset, layer.templates, embedding_dim, layer.gain, normalize)
     if kind == "repeat":
         return Repeat(layer.shape, layer.offset, layer.gain)
+    if kind == "signed":
+        return SignedRepeat(layer.shape, layer.offset, layer.gain)
     if kind == "interpolate":
         rows, cols = layer.grid
         return Interpolate(layer.shape, layer.offset, (rows, cols), layer.gain)
@@ -132,6 +134,22 @@ class SharedParameters(nn.Module):
             if bank.bank.is_complex():
                 bank.bank.copy_(torch.randn(bank.bank.shape, dtype=bank.bank.dtype, device=bank.bank.device))
 
+    @torch.no_grad()
+    def generate_sample(self, index: int, limit: int) -> Tensor:
+        """The values of layer ``index``'s weight an even sample picks (see :func:`sample_step`),
+        made without the whole weight for slices, template mixes and hashing (else generated)."""
+        generator = self.generators[f"l{index}"]
+        bank = self.groups[f"g{self.layer_groups[index]}"].bank
+        step = sample_step(generator.shape, limit)
+        if step == 1 or type(generator) not in (TemplateMix, Hash) or getattr(generator, "rows", 0) is None:
+            return _spread_sample(self.generate(index), limit)
+        if type(generator) is TemplateMix:
+            n, k = generator.numel, generator.templates
+            block = bank.narrow(0, generator.offset, k * n).view(k, n)[:, ::step]
+            values = block[0] if generator.coefficients is None else generator.coefficients.to(bank.dtype) @ block
+            return values * generator.gain if generator.gain != 1.0 else values
+        return _hash_sample(generator, bank, step)
+
     def generate(self, index: int) -> Tensor:
         """Layer ``index``'s weight, computed outside any graph (for init and inspection)."""
         bank = self.groups[f"g{self.layer_groups[index]}"]
@@ -139,21 +157,66 @@ class SharedParameters(nn.Module):
         return self.generators[f"l{index}"](*tensors)
 
 
-def wide_std(tensor: Tensor) -> float:
+SAMPLE = 2**18  # values a scale estimate reads at most: its relative error is then about 0.15%
+
+
+def sample_step(shape: Sequence[int], limit: int) -> int:
+    """Stride of the even sample of at most about ``limit`` values that scale estimates read.
+
+    Coprime with the last dimension, so a sample visits every column (a weight whose columns
+    differ in scale is estimated fairly), with its rows evenly spaced.
+    """
+    step = -(-math.prod(shape) // limit)
+    cols = shape[-1] if len(shape) else 1
+    while step > 1 and math.gcd(step, cols) != 1:
+        step += 1
+    return step
+
+
+def _spread_sample(tensor: Tensor, limit: int) -> Tensor:
+    """Every :func:`sample_step`-th value of ``tensor`` (all of them when it is small)."""
+    return tensor.reshape(-1)[:: sample_step(tensor.shape, limit)]
+
+
+def _hash_sample(generator: Hash, bank: Tensor, step: int) -> Tensor:
+    """Every ``step``-th value of a hash generator's weight (see :func:`~npas_fx.kernels.hash_rows`)."""
+    size, chunk = bank.numel(), generator.chunk
+    slots = -(-size // chunk)
+    position = torch.arange(0, generator.numel, step, device=bank.device)
+    row = generator.rows.index_select(0, position // chunk).long()
+    negative = row >= slots
+    slot = torch.where(negative, row - slots, row)
+    values = bank.index_select(0, torch.remainder(slot * chunk + position % chunk, size))  # slots wrap around
+    if generator.gain != 1.0:
+        values = values * generator.gain
+    return values * negative.to(values.dtype).mul_(-2).add_(1)
+
+
+def wide_std(tensor: Tensor, limit: int | None = None) -> float:
     """Standard deviation in double precision; a complex tensor's counts its imaginary part too.
 
+    ``limit``: estimate it from about that many values spread evenly over the tensor (all of them
+    when it holds fewer), so that a large weight costs a strided read of ``limit`` values rather
+    than a double-precision copy of itself.
+
     Example:
-        >>> wide_std(torch.tensor([1j, -1j]))
-        1.4142135623730951
+        >>> round(wide_std(torch.tensor([1j, -1j])), 6)
+        1.414214
+        >>> x = torch.randn(4096, 1024)
+        >>> abs(wide_std(x, limit=2**16) / wide_std(x) - 1) < 0.02
+        True
     """
-    wide = torch.complex128 if tensor.is_complex() else torch.float64  # .double() drops imaginary parts
-    return float(tensor.detach().to(wide).std())
+    values = tensor.detach()
+    if limit is not None:
+        values = _spread_sample(values, limit)
+    wide = torch.complex128 if values.is_complex() else torch.float64  # .double() drops imaginary parts
+    return float(values.to(wide).std())
 
 
 def target_std(weight: Tensor) -> float:
     """Scale a generated weight should start at: the original's std, else ``1/sqrt(fan_in)``."""
     if weight.numel() > 1:
-        std = wide_std(weight)
+        std = wide_std(weight, SAMPLE)
         if math.isfinite(std) and std > 0:
             return std
     fan_in = max(1, weight.numel() // max(1, weight.shape[0] if weight.dim() else 1))

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .budget import GeneratorConfig, split_exact
+from . import budget as _budget
+from .budget import GeneratorConfig
 from .generators import WeightGenerator
 from .kernels import window_mix
 from .plan import GroupPlan, LayerPlan
@@ -224,7 +225,7 @@ def allocate_superweights(
     """Split ``budget`` exactly among the banks and coefficients of SuperWeight groups.
 
     ``shares[i]`` is layer ``i``'s coefficient set (compared inside its group; ``None`` or empty:
-    every layer its own). Banks are proportional to their group's total layer size (as in SSN).
+    every layer its own). Banks are split as :func:`npas_fx.budget.bank_split` splits them.
     Raises ``ValueError`` naming the smallest feasible budget when ``budget`` is below it.
     """
     geometries = tuple(
@@ -245,7 +246,7 @@ def allocate_superweights(
         remaining = budget - kept - sum(coefficients)
         if remaining < len(groups):
             return None
-        banks = split_exact(remaining, weights)
+        banks = _budget.bank_split(remaining, weights)
         if any(k > 1 and p < k * g.block_numel for p, k, g in zip(banks, templates, geometries, strict=True)):
             return None
         return SuperWeightAllocation(tuple(banks), tuple(templates), tuple(coefficients), geometries, kept)

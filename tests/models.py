@@ -279,7 +279,7 @@ DISTINCT_SHAPE_CASES: tuple[str, ...] = tuple(c.name for c in _TABLE if c.distin
 # ---- helpers ------------------------------------------------------------------------------------
 def loss_of(output: Tensor) -> Tensor:
     """A loss whose gradient reaches every output element with a fixed, non-uniform weight."""
-    weight = torch.linspace(-1.0, 2.0, output.numel(), dtype=output.dtype).view(output.shape)
+    weight = torch.linspace(-1.0, 2.0, output.numel(), dtype=output.dtype, device=output.device).view(output.shape)
     return (output * weight).sum() + 0.1 * (output**2).sum()
 
 

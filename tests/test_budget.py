@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npas_fx.budget import (
+    BANK_FLOOR,
     DOWNSAMPLERS,
     UPSAMPLERS,
     Allocation,
     GeneratorConfig,
     allocate,
+    bank_split,
     minimum_budget,
     resolve_budget,
     split_exact,
@@ -100,6 +102,61 @@ def test_split_exact_sums_exactly_and_respects_minimum(weights, extra, minimum):
 def test_split_exact_refuses_impossible(total, count, minimum):
     with pytest.raises(ValueError, match=rf"cannot split {total} into {count} parts of at least {minimum}"):
         split_exact(total, [1] * count, minimum)
+
+
+# ---- bank_split ---------------------------------------------------------------------------------
+def _quotas(total: int, sizes: list[int], floor: float) -> list[float]:
+    """The real-valued split bank_split rounds, by bisection on the proportional factor."""
+    floors = [min(n, floor * total / len(sizes)) for n in sizes]
+    lo, hi = 0.0, total / min(sizes)
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        lo, hi = (lam, hi) if sum(max(f, lam * n) for f, n in zip(floors, sizes, strict=True)) < total else (lo, lam)
+    return [max(f, hi * n) for f, n in zip(floors, sizes, strict=True)]
+
+
+def test_bank_split_documented_cases():
+    assert bank_split(100, [900, 100]) == [75, 25]  # floor: half of an equal share (25)
+    assert bank_split(100, [900, 100], floor=0.0) == split_exact(100, [900, 100]) == [90, 10]
+    assert bank_split(100, [900, 100], floor=1.0) == [50, 50]
+    assert bank_split(100, [900, 10]) == [90, 10]  # a small group's floor is its own size
+    assert bank_split(1000, [900, 100]) == [900, 100]  # every layer once: the floor does not bind
+    assert bank_split(3, [1000, 1, 1]) == [1, 1, 1]
+    # the digits benchmark at 5 % (shape groups): the 10x32 head gets 50 values, not 12
+    assert bank_split(598, [72, 1152, 1152, 4608, 8192, 320]) == [50, 50, 50, 143, 255, 50]
+    assert split_exact(598, [72, 1152, 1152, 4608, 8192, 320])[-1] == 12
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 10_000), min_size=1, max_size=12),
+    extra=st.integers(0, 60_000),
+    more=st.integers(0, 5_000),
+    floor=st.sampled_from([0.0, 0.25, BANK_FLOOR, 1.0]),
+)
+def test_bank_split_is_exact_floored_and_monotone(sizes, extra, more, floor):
+    total = len(sizes) + extra
+    shares = bank_split(total, sizes, floor)
+    assert sum(shares) == total and all(s >= 1 for s in shares)
+    quotas = _quotas(total, sizes, floor)
+    if all(q >= 1 for q in quotas):  # no top-up to one value: largest remainders, so within 1
+        assert all(abs(s - q) < 1 + 1e-6 for s, q in zip(shares, quotas, strict=True))
+    for s, n in zip(shares, sizes, strict=True):  # the floor: own size, or a share of an equal split
+        assert s >= min(n, math.floor(floor * total / len(sizes)))
+    for a, b in zip(shares, sizes, strict=True):  # a larger group never gets (a rounding) less
+        assert all(s >= a - 1 for s, n in zip(shares, sizes, strict=True) if n >= b)
+    if total >= sum(sizes):  # every layer fits once: exactly SSN's proportional split
+        assert all(abs(s - total * n / sum(sizes)) < 1 + 1e-6 for s, n in zip(shares, sizes, strict=True))
+    grown = bank_split(total + more, sizes, floor)  # a larger budget takes nothing from any bank
+    if all(q >= 1 for q in quotas):
+        assert all(g >= s - 1 for g, s in zip(grown, shares, strict=True))
+    assert all(gq >= q - 1e-6 for gq, q in zip(_quotas(total + more, sizes, floor), quotas, strict=True))
+
+
+@pytest.mark.parametrize(("total", "sizes", "floor"), [(2, [1, 1, 1], 0.5), (10, [1, 1], 1.5), (10, [1, 1], -0.1)])
+def test_bank_split_refuses_impossible(total, sizes, floor):
+    with pytest.raises(ValueError, match="cannot split|`floor`"):
+        bank_split(total, sizes, floor)
 
 
 # ---- allocate -----------------------------------------------------------------------------------

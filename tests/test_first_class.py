@@ -391,7 +391,7 @@ def test_trainer_with_defaults_trains_evaluates_and_reloads(tmp_path: Path):
     npas_fx.plan_of(gm).to_json(tmp_path / "final" / "npas_plan.json")
     reloaded = npas_fx.load(_bert_classifier(), tmp_path / "final")
     batch = {"input_ids": _ids(9, (2, 7))}
-    gm.eval()
+    gm.cpu().eval()  # the Trainer moves the model to a GPU when there is one
     reloaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, gm(**batch).logits)

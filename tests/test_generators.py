@@ -17,6 +17,7 @@ from npas_fx.generators import (
     Interpolate,
     Mask,
     Repeat,
+    SignedRepeat,
     TemplateMix,
     WeightGenerator,
     interpolation_grid,
@@ -218,6 +219,7 @@ def test_interpolation_grid_documented_example():
         ({"generator": "repeat"}, Repeat),
         ({"generator": "interpolate", "grid": (2, 2)}, Interpolate),
         ({"generator": "mask"}, Mask),
+        ({"generator": "signed"}, SignedRepeat),
         ({"generator": "hash", "salt": 4}, Hash),
     ],
 )
@@ -236,3 +238,19 @@ def test_generator_argument_errors():
         EmbeddingMix((2, 2), 0, 2, 4, normalize="sum")
     with pytest.raises(ValueError, match="unknown generator 'warp'"):
         make_generator(LayerPlan("w", (2, 2), "", "Linear", 0, "warp"), 4)
+
+
+@pytest.mark.parametrize(("shape", "bank_size"), [((32, 256), 315), ((16, 16, 3, 3), 101), ((10, 32), 50)])
+def test_signed_repeat_decorrelates_the_rows_at_no_cost(shape, bank_size):
+    # Tiling a bank a little larger than a row gives every row about the same sum: after a ReLU,
+    # the response to the inputs' mean then has one sign in every unit (all dead half the time).
+    bank = torch.ones(bank_size)  # the worst case: a bank whose mean dominates
+    plain, signed = Repeat(shape, offset=3)(bank), SignedRepeat(shape, offset=3)(bank)
+    plain_sums, signed_sums = plain.flatten(1).sum(1), signed.flatten(1).sum(1)
+    assert bool((plain_sums > 0).all())
+    assert bool((signed_sums > 0).any()) and bool((signed_sums < 0).any())
+    torch.testing.assert_close(signed.abs(), plain.abs(), rtol=0, atol=0)  # the same values, signs flipped per row
+    flips = (signed.flatten(1)[:, 0] / plain.flatten(1)[:, 0]).view(-1, *[1] * (len(shape) - 1))
+    torch.testing.assert_close(signed, plain * flips, rtol=0, atol=0)
+    assert not list(SignedRepeat(shape).parameters())  # the signs are fixed: no budget spent
+    torch.testing.assert_close(SignedRepeat(shape, offset=3).signs, SignedRepeat(shape, offset=3).signs)  # rebuilt

@@ -244,8 +244,10 @@ def test_outer_saved_tensor_hooks_still_see_the_activations():
         loss = gm(x).square().sum()
     loss.backward()
     assert packed and unpacked == ["mine"] * len(unpacked) and len(unpacked) >= len(packed) // 2
-    weights = {tuple(layer.shape) for layer in npas_fx.plan_of(gm).layers}
-    assert not weights & ({s for s in packed} | {s[::-1] for s in packed})  # no generated weight, nor its transpose
+    # no generated weight, nor its transpose; a slice at gain 1 is a view of its bank (kept for free, not recorded)
+    layers = npas_fx.plan_of(gm).layers
+    weights = {tuple(layer.shape) for layer in layers if not (layer.generator == "slice" and layer.gain == 1.0)}
+    assert not weights & ({s for s in packed} | {s[::-1] for s in packed})
     assert top_hooks(True) is None
 
 

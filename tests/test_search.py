@@ -272,6 +272,24 @@ def test_swn_similarity_matrix_and_groups():
     assert plan.provenance["threshold"] <= plan.provenance["threshold_start"]
 
 
+def test_swn_concat_weights_mixes_gradient_and_weight_agreement():
+    # The paper's optional similarity: [g/|g|, w/|w|] per layer; its cosine is the mean of the
+    # gradients' and the weights' cosines when both crops are the whole tensors (same shapes).
+    g = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    w = [torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    both = cropped_cosine_similarity([swn.with_weights(a, b) for a, b in zip(g, w, strict=True)])
+    mean = (cropped_cosine_similarity(g) + cropped_cosine_similarity(w)) / 2
+    torch.testing.assert_close(both, mean)
+    _, plain = _search("cnn", "swn", 0.5)
+    _, gm = _search("cnn", "swn", 0.5, options={"grad_batches": 2, "concat_weights": True})
+    record, base = npas_fx.plan_of(gm).provenance, npas_fx.plan_of(plain).provenance
+    assert record["concat_weights"] is True and base["concat_weights"] is False
+    assert record["similarity"]["matrix"] != base["similarity"]["matrix"]
+    assert npas_fx.count_parameters(gm) == npas_fx.plan_of(gm).budget
+    with pytest.raises(ValueError, match="concat_weights"):
+        _search("cnn", "swn", 0.5, options={"concat_weights": 1})
+
+
 def test_swn_threshold_is_lowered_until_the_groups_fit():
     # Pairwise similarities 0.5 (a-b) and 0.0 (others); budgets decide how far the threshold falls.
     shapes = [(4, 4), (4, 4), (4, 4)]

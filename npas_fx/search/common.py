@@ -46,6 +46,8 @@ class SearchOptions:
         refine_steps: pre-training steps of SWN's hard-shared model before refinement (default:
             half of ``search_steps``; 0 skips refinement).
         templates: templates per layer of SSN's search model (official 4).
+        concat_weights: SWN compares each layer's normalised gradient concatenated with its
+            normalised generated weight (the paper's optional variant) instead of the gradient alone.
     """
 
     lr: float = 3e-3
@@ -56,6 +58,7 @@ class SearchOptions:
     refine_threshold: float = 0.9
     refine_steps: int | None = None
     templates: int = 4
+    concat_weights: bool = False
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], allowed: tuple[str, ...]) -> SearchOptions:
@@ -83,6 +86,8 @@ class SearchOptions:
             or self.refine_steps < 0
         ):
             raise ValueError(f"`options['refine_steps']` should be an int >= 0, got {self.refine_steps!r}.")
+        if not isinstance(self.concat_weights, bool):
+            raise ValueError(f"`options['concat_weights']` should be True or False, got {self.concat_weights!r}.")
         for name in ("lr", "threshold", "threshold_step", "refine_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):

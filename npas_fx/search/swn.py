@@ -5,7 +5,9 @@
 2. A short pre-training (``search_steps`` Adam steps), then each layer's gradient of its generated
    weight, summed over ``grad_batches`` batches at fixed parameters (the official code used one).
 3. Pairwise cosine similarity of those gradients on each pair's common top-left block, in one
-   batched computation per bin (:func:`~npas_fx.search.similarity.cropped_cosine_similarity`).
+   batched computation per bin (:func:`~npas_fx.search.similarity.cropped_cosine_similarity`);
+   ``options={"concat_weights": True}`` compares the normalised gradient concatenated with the
+   normalised generated weight (the paper's optional variant, :func:`with_weights`).
 4. Groups: connected components of the graph of pairs above a threshold (a real merge), starting
    at ``threshold`` (0.1) and lowering it by ``threshold_step`` (0.05) until every SuperWeight of
    every group gets at least one template of its own under the budget (or the bins are merged);
@@ -46,9 +48,18 @@ from .common import SearchOptions, compile_search_model, weight_gradients
 from .pretrain import DEFAULT_SEARCH_STEPS, cycle_batches, pretrain, progress_bar, require_data
 from .similarity import cropped_cosine_similarity, similarity_record, threshold_groups
 
-__all__ = ["share_by_gradient_similarity", "binned_similarity", "fit_threshold"]
+__all__ = ["share_by_gradient_similarity", "binned_similarity", "fit_threshold", "with_weights"]
 
-OPTIONS = ("lr", "progress", "grad_batches", "threshold", "threshold_step", "refine_threshold", "refine_steps")
+OPTIONS = (
+    "lr",
+    "progress",
+    "grad_batches",
+    "threshold",
+    "threshold_step",
+    "refine_threshold",
+    "refine_steps",
+    "concat_weights",
+)
 
 
 def binned_similarity(tensors: list[torch.Tensor], bins: list[list[int]]) -> torch.Tensor:
@@ -94,6 +105,19 @@ def fit_threshold(
         if len(groups) == len(bins):  # every bin one group: nothing left to merge
             return groups, threshold, alloc
         n += 1
+
+
+def with_weights(gradient: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``gradient`` and ``weight``, each divided by its norm, stacked on a last axis (SWN's optional
+    similarity: cosines of these mix the gradients' and the weights' agreement).
+
+    Example:
+        >>> with_weights(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])).tolist()
+        [[0.6000000238418579, 0.0], [0.800000011920929, 1.0]]
+    """
+    g = gradient / gradient.norm().clamp_min(torch.finfo(gradient.dtype).tiny)
+    w = weight.to(gradient.dtype)
+    return torch.stack([g, w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)], dim=-1)
 
 
 def _names(groups: list[list[int]], names: list[str]) -> list[list[str]]:
@@ -202,7 +226,11 @@ def share_by_gradient_similarity(ctx: StrategyContext) -> Grouping:
         )
         losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
         grads = weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar)
-        similarity = binned_similarity([grads[j] for j in index], bins)
+        compared = [grads[j] for j in index]
+        if opts.concat_weights:
+            with torch.no_grad():
+                compared = [with_weights(g, search.npas.generate(j)) for g, j in zip(compared, index, strict=True)]
+        similarity = binned_similarity(compared, bins)
         groups, threshold, alloc = fit_threshold(
             similarity, bins, allocation, opts.threshold, opts.threshold_step, ctx.num_groups
         )
@@ -223,6 +251,7 @@ def share_by_gradient_similarity(ctx: StrategyContext) -> Grouping:
         "threshold": threshold,
         "threshold_start": opts.threshold,
         "threshold_step": opts.threshold_step,
+        "concat_weights": opts.concat_weights,
         "fits": bool(alloc.fits),
         "refinement": refinement,
     }
