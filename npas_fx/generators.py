@@ -234,10 +234,11 @@ class Interpolate(WeightGenerator):
         self.offset = int(offset)
         self.grid = (int(grid[0]), int(grid[1]))
         self.view2d = (self.shape[0], self.numel // self.shape[0])
-        # The stretch's two sparse matrices (2 entries per output row/column; the gain folded into
-        # the rows'), as non-persistent buffers: O(rows + columns) values, rebuilt from the plan.
+        # The stretch's two sparse matrices (2 entries per output row/column), as non-persistent
+        # buffers: O(rows + columns) values, rebuilt from the plan. The gain is not folded in: it is
+        # calibrated after construction (build.py sets ``gain``), so it scales the small block.
         for axis, plan in (
-            ("rows", lerp_plan(self.view2d[0], self.grid[0], self.gain)),
+            ("rows", lerp_plan(self.view2d[0], self.grid[0])),
             ("cols", lerp_plan(self.view2d[1], self.grid[1])),
         ):
             for field, tensor in zip(LerpPlan._fields, plan, strict=True):
@@ -248,8 +249,8 @@ class Interpolate(WeightGenerator):
 
     def forward(self, bank: Tensor) -> Tensor:
         rows, cols = self.grid
-        block = bank.narrow(0, self.offset, rows * cols).view(rows, cols)
-        return bilinear(block, self._plan("rows"), self._plan("cols")).view(self.shape)  # gain in the rows' plan
+        block = self._scaled(bank.narrow(0, self.offset, rows * cols)).view(rows, cols)
+        return bilinear(block, self._plan("rows"), self._plan("cols")).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, grid={self.grid}"
