@@ -12,6 +12,9 @@ Weights under 1M values are timed over ``1M / numel`` calls per sample (per-call
 part of the ratio, as it is in training).
 
 Both are divided by the time of ``x.clone()`` of a same-size ``x`` measured in the same round.
+``bank clone``: where the bank is larger than the weight (the mixers read ``K`` templates of the
+weight's size), a clone of the bank in the same unit: their physical floor, since backward must
+write the bank's gradient (and forward read the templates).
 ``clone()``'s own backward hands the gradient through untouched (no read, no write), so the clone's
 forward time (one read and one write of the weight) is the unit for both columns. Cases and the
 clone run interleaved, round after round; the table gives the median over rounds of the per-round
@@ -21,7 +24,8 @@ forward), kept below as reference implementations, in the same rounds. Targets: 
 backward within 3x.
 
 Run: ``python benchmarks/generators.py`` (a few minutes on 1 CPU thread; ``--quick``: 10K and 100K,
-3 rounds; ``--device cuda`` on a GPU; ``--threads N``).
+3 rounds; ``--device cuda`` on a GPU; ``--threads N``; ``--sizes 1M 4M`` and ``--only repeat mask`` pick rows;
+``--clock cpu`` times process CPU time, less disturbed by other jobs on a shared machine).
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The timer: wall time, or (``--clock cpu``) this process's CPU time, which a machine shared with other
+# jobs disturbs less (time-slicing does not count; with 1 thread it is the work done).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 from npas_fx.generators import (  # noqa: E402
     EmbeddingMix,
@@ -154,32 +162,35 @@ def _forward_backward(
 ) -> tuple[float, float]:
     """Seconds per forward and per backward, each timed over ``inner`` calls."""
     _sync(device)
-    start = time.perf_counter()
+    start = CLOCK[0]()
     for _ in range(inner):
         out = run()
     _sync(device)
-    forward = (time.perf_counter() - start) / inner
+    forward = (CLOCK[0]() - start) / inner
     grad = torch.ones_like(out)
     _sync(device)
-    start = time.perf_counter()
+    start = CLOCK[0]()
     for _ in range(inner):
         torch.autograd.grad(out, inputs, grad, retain_graph=True, allow_unused=True)
     _sync(device)
-    return forward, (time.perf_counter() - start) / inner
+    return forward, (CLOCK[0]() - start) / inner
 
 
 def _clone_time(x: Tensor, inner: int, device: str) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = CLOCK[0]()
     for _ in range(inner):
         x.clone()
     _sync(device)
-    return (time.perf_counter() - start) / inner
+    return (CLOCK[0]() - start) / inner
 
 
-def measure(shape: tuple[int, int], rounds: int, device: str) -> dict[str, tuple[float, ...]]:
-    """Median per-round ratios ``(fwd, bwd, old fwd, old bwd)`` (NaN: no old formula) per case."""
-    cases = make_cases(shape, device)
+def measure(
+    shape: tuple[int, int], rounds: int, device: str, only: list[str] | None = None
+) -> dict[str, tuple[float, ...]]:
+    """Median per-round ratios ``(fwd, bwd, bank clone, old fwd, old bwd)`` per case (NaN: no old
+    formula; no bank clone where the bank is not larger than the weight)."""
+    cases = {name: case for name, case in make_cases(shape, device).items() if not only or name in only}
     x = torch.randn(math.prod(shape), device=device)
     inner = max(1, 1_000_000 // x.numel())  # small weights: time many calls per sample
     ratios: dict[str, list[tuple[float, ...]]] = {name: [] for name in cases}
@@ -188,10 +199,11 @@ def measure(shape: tuple[int, int], rounds: int, device: str) -> dict[str, tuple
             clone = _clone_time(x, inner, device)
             new = _forward_backward(case.run, case.inputs, inner, device)
             old = _forward_backward(case.run_old, case.inputs, inner, device) if case.old else (math.nan, math.nan)
+            bank = _clone_time(case.bank.detach(), inner, device) if case.bank.numel() > x.numel() else math.nan
             clone = min(clone, _clone_time(x, inner, device))  # the clone on both sides of the case
             if round_:
-                ratios[name].append(tuple(t / clone for t in (*new, *old)))
-    return {name: tuple(statistics.median(r[i] for r in rows) for i in range(4)) for name, rows in ratios.items()}
+                ratios[name].append(tuple(t / clone for t in (*new, bank, *old)))
+    return {name: tuple(statistics.median(r[i] for r in rows) for i in range(5)) for name, rows in ratios.items()}
 
 
 def _fmt(value: float) -> str:
@@ -204,19 +216,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", nargs="+", choices=tuple(SHAPES), help="weight sizes to run (default: all)")
+    parser.add_argument("--only", nargs="+", help="generator cases to run (default: all)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="timer (cpu: process CPU time)")
     args = parser.parse_args()
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    sizes = ("10K", "100K") if args.quick else tuple(SHAPES)
+    sizes = args.sizes or (("10K", "100K") if args.quick else tuple(SHAPES))
     rounds = 3 if args.quick else args.rounds
     print(
-        f"time / clone() of the weight, median of {rounds} interleaved rounds; {args.device}, {args.threads} thread(s)"
+        f"time / clone() of the weight, median of {rounds} interleaved rounds; {args.device}, {args.threads} thread(s), "
+        f"{args.clock} clock"
     )
-    head = f"{'generator':<12} {'size':>5} {'fwd':>7} {'bwd':>7} {'fwd before':>11} {'bwd before':>11}"
+    head = (
+        f"{'generator':<12} {'size':>5} {'fwd':>7} {'bwd':>7} {'bank clone':>11} {'fwd before':>11} {'bwd before':>11}"
+    )
     print(head)
     print("-" * len(head))
     for size in sizes:
-        for name, (fwd, bwd, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device).items():
-            print(f"{name:<12} {size:>5} {_fmt(fwd):>7} {_fmt(bwd):>7} {_fmt(old_fwd):>11} {_fmt(old_bwd):>11}")
+        for name, (fwd, bwd, bank, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device, args.only).items():
+            print(
+                f"{name:<12} {size:>5} {_fmt(fwd):>7} {_fmt(bwd):>7} {_fmt(bank):>11} {_fmt(old_fwd):>11} "
+                f"{_fmt(old_bwd):>11}"
+            )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ alternate with the original model's step in the same process, and the table repo
 the per-round ratios (compiled / original) with the spread (interquartile range). Absolute times on
 a shared machine are noise; the ratio measured side by side is not.
 
-Run: ``python benchmarks/overhead.py`` (add ``--quick`` for a smoke run, ``--device cuda`` on a GPU).
+``floor``: above the original's size (budget 4.0) the step must update more parameters. The floor
+is the original's step with Adam over as many parameters as the compiled model has (the original's
+and a dense extra parameter whose gradient is handed in, not computed), timed in the same rounds:
+no step with that optimizer state can be cheaper. ``eager, no recompute``: the eager rows again
+with ``recompute=False`` (on by default below the original's size), to show its share.
+
+Run: ``python benchmarks/overhead.py`` (add ``--quick`` for a smoke run, ``--device cuda`` on a GPU;
+``--models``, ``--budgets``, ``--modes`` pick rows).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The timer: wall time, or (``--clock cpu``) this process's CPU time, which a machine shared with other
+# jobs disturbs less (time-slicing does not count; with 1 thread it is the work done).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 import npas_fx  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
@@ -59,15 +70,21 @@ def transformer_case(device: str) -> tuple[nn.Module, Tensor, Tensor]:
     return TinyTransformer().to(device), tokens, tokens.roll(-1, dims=1)
 
 
-def make_step(model: nn.Module, x: Tensor, y: Tensor, use_compile: bool) -> Callable[[], None]:
+def make_step(model: nn.Module, x: Tensor, y: Tensor, use_compile: bool, extra: int = 0) -> Callable[[], None]:
+    """One training step; ``extra`` > 0 adds a dense parameter of that size to Adam (the floor's state)."""
     forward = torch.compile(model) if use_compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    params = list(model.parameters())
+    pad = nn.Parameter(torch.zeros(extra, device=x.device)) if extra > 0 else None
+    pad_grad = torch.randn(extra, device=x.device) if pad is not None else None
+    optimizer = torch.optim.Adam(params + ([pad] if pad is not None else []), lr=1e-4)
 
     def step() -> None:
         out = forward(x)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if pad is not None:
+            pad.grad = pad_grad  # a gradient of that size handed in: the floor computes none
         optimizer.step()
 
     return step
@@ -76,48 +93,88 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor, use_compile: bool) -> Call
 def timed(step: Callable[[], None], repeats: int, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = CLOCK[0]()
     for _ in range(repeats):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return (CLOCK[0]() - start) / repeats
 
 
 def ratio(
     base: Callable[[], None], other: Callable[[], None], rounds: int, repeats: int, device: str
 ) -> tuple[float, float]:
+    """Median and IQR of the per-round ``other / base`` time ratio."""
+    return ratios(base, [other], rounds, repeats, device)[0]
+
+
+def ratios(
+    base: Callable[[], None], others: list[Callable[[], None]], rounds: int, repeats: int, device: str
+) -> list[tuple[float, float]]:
+    """Median and IQR of ``other / base`` for each of ``others``, all timed in the same rounds."""
     for _ in range(3):  # warm-up (and compilation)
         base()
-        other()
-    ratios = []
+        for other in others:
+            other()
+    values: list[list[float]] = [[] for _ in others]
     for _ in range(rounds):
-        ratios.append(timed(other, repeats, device) / timed(base, repeats, device))
-    quartiles = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), quartiles[2] - quartiles[0]
+        base_time = timed(base, repeats, device)
+        for i, other in enumerate(others):
+            values[i].append(timed(other, repeats, device) / base_time)
+    out = []
+    for row in values:
+        quartiles = statistics.quantiles(row, n=4)
+        out.append((statistics.median(row), quartiles[2] - quartiles[0]))
+    return out
+
+
+CASES = {"cnn": cnn_case, "transformer": transformer_case}
+MODES = {"eager": (False, None), "eager-norecompute": (False, False), "compile": (True, None)}
+MODE_NAMES = {"eager": "eager", "eager-norecompute": "eager, no recomp", "compile": "torch.compile"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="few rounds, eager only (smoke test)")
+    parser.add_argument("--models", nargs="+", choices=tuple(CASES), default=list(CASES))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 1.0, 4.0])
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=["eager", "eager-norecompute", "compile"])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="timer (cpu: process CPU time)")
     args = parser.parse_args()
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
-    rounds, repeats = (3, 2) if args.quick else (9, 5)
-    modes = [False] if args.quick else [False, True]
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
-    print("step = forward + backward + Adam; ratio = npas_fx step time / original step time (median, IQR)\n")
-    print(f"{'model':<12} {'mode':<14} {'budget':>6} {'params':>10} {'ratio':>7} {'IQR':>6}")
-    for case_name, case in [("cnn", cnn_case), ("transformer", transformer_case)]:
-        for use_compile in modes:
-            model, x, y = case(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, repeats = (3, 2) if args.quick else (args.rounds, 5)
+    modes = ["eager"] if args.quick else args.modes
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {args.clock} clock")
+    print("step = forward + backward + Adam; ratio = npas_fx step time / original step time (median, IQR);")
+    print("floor = original step with Adam over the compiled model's parameter count (only above 1.0)\n")
+    head = f"{'model':<12} {'mode':<17} {'budget':>6} {'params':>10} {'ratio':>7} {'IQR':>6} {'floor':>7}"
+    print(head)
+    print("-" * len(head))
+    for case_name in args.models:
+        for mode in modes:
+            use_compile, recompute = MODES[mode]
+            model, x, y = CASES[case_name](args.device)
+            original = sum(p.numel() for p in model.parameters())
             base = make_step(model, x, y, use_compile)
-            for budget in (0.1, 1.0, 4.0):
-                gm = npas_fx.compile(model, budget, strategy="shape", seed=0)
-                median, iqr = ratio(base, make_step(gm, x, y, use_compile), rounds, repeats, args.device)
-                mode = "torch.compile" if use_compile else "eager"
+            for budget in args.budgets:
+                gm = npas_fx.compile(model, budget, strategy="shape", seed=0, recompute=recompute)
                 count = npas_fx.count_parameters(gm)
-                print(f"{case_name:<12} {mode:<14} {budget:>6} {count:>10,} {median:>7.2f} {iqr:>6.2f}", flush=True)
+                steps = [make_step(gm, x, y, use_compile)]
+                if count > original:
+                    steps.append(make_step(model, x, y, use_compile, extra=count - original))
+                results = ratios(base, steps, rounds, repeats, args.device)
+                (median, iqr), floor = results[0], (f"{results[1][0]:.2f}" if len(results) > 1 else "-")
+                print(
+                    f"{case_name:<12} {MODE_NAMES[mode]:<17} {budget:>6} {count:>10,} {median:>7.2f} {iqr:>6.2f} "
+                    f"{floor:>7}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

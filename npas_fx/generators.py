@@ -21,10 +21,20 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import _MASK32, hash_rows, hashed_blocks, masked_tile, row_signs, skew_tile
+from .kernels import (
+    _MASK32,
+    LerpPlan,
+    bilinear,
+    hash_rows,
+    hashed_blocks,
+    lerp_plan,
+    masked_tile,
+    row_signs,
+    skew_tile,
+    template_mix,
+)
 from .runtime import CACHE_ATTR, generate_cached
 
 __all__ = [
@@ -63,6 +73,7 @@ class WeightGenerator(nn.Module):
 
     def _scaled(self, bank: Tensor) -> Tensor:
         # The gain scales the small bank, not the large output (the same values: one multiply each).
+        # The tiling and hashing kernels take the gain themselves (no extra autograd node).
         return bank * self.gain if self.gain != 1.0 else bank
 
     def _finish(self, flat: Tensor) -> Tensor:
@@ -102,12 +113,10 @@ class TemplateMix(WeightGenerator):
             self.register_parameter("coefficients", None)
 
     def forward(self, bank: Tensor) -> Tensor:
-        n, k = self.numel, self.templates
-        block = bank.narrow(0, self.offset, k * n)
         if self.coefficients is None:
-            return self._finish(block)
-        flat = self.coefficients.to(bank.dtype) @ block.view(k, n)  # (K,) @ (K, n) -> (n,)
-        return self._finish(flat)
+            return self._finish(bank.narrow(0, self.offset, self.numel))
+        flat = template_mix(bank, self.coefficients.to(bank.dtype), self.offset, self.numel, self.gain)
+        return flat.view(self.shape)  # the gain is folded into the K coefficients, not the n outputs
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
@@ -155,10 +164,8 @@ class EmbeddingMix(WeightGenerator):
         return torch.softmax(logits, 0) if self.normalize == "softmax" else logits
 
     def forward(self, bank: Tensor, map_weight: Tensor, map_bias: Tensor) -> Tensor:
-        n, k = self.numel, self.templates
-        coefficients = self.coefficients(map_weight, map_bias)
-        flat = coefficients @ bank.narrow(0, self.offset, k * n).view(k, n)
-        return self._finish(flat)
+        flat = template_mix(bank, self.coefficients(map_weight, map_bias), self.offset, self.numel, self.gain)
+        return flat.view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, templates={self.templates}"
@@ -185,7 +192,7 @@ class Repeat(WeightGenerator):
         self.offset = int(offset)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return skew_tile(self._scaled(bank), self.numel, self.offset).view(self.shape)
+        return skew_tile(bank, self.numel, self.offset, self.gain).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}"
@@ -227,12 +234,23 @@ class Interpolate(WeightGenerator):
         self.offset = int(offset)
         self.grid = (int(grid[0]), int(grid[1]))
         self.view2d = (self.shape[0], self.numel // self.shape[0])
+        # The stretch's two sparse matrices (2 entries per output row/column), as non-persistent
+        # buffers: O(rows + columns) values, rebuilt from the plan. The gain is not folded in: it is
+        # calibrated after construction (build.py sets ``gain``), so it scales the small block.
+        for axis, plan in (
+            ("rows", lerp_plan(self.view2d[0], self.grid[0])),
+            ("cols", lerp_plan(self.view2d[1], self.grid[1])),
+        ):
+            for field, tensor in zip(LerpPlan._fields, plan, strict=True):
+                self.register_buffer(f"_{axis}_{field}", tensor, persistent=False)
+
+    def _plan(self, axis: str) -> LerpPlan:
+        return LerpPlan(*(getattr(self, f"_{axis}_{field}") for field in LerpPlan._fields))
 
     def forward(self, bank: Tensor) -> Tensor:
         rows, cols = self.grid
-        block = bank.narrow(0, self.offset, rows * cols).view(1, 1, rows, cols)
-        full = F.interpolate(block, size=self.view2d, mode="bilinear", align_corners=True)
-        return self._finish(full.reshape(-1))
+        block = self._scaled(bank.narrow(0, self.offset, rows * cols)).view(rows, cols)
+        return bilinear(block, self._plan("rows"), self._plan("cols")).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}, grid={self.grid}"
@@ -260,7 +278,7 @@ class Mask(WeightGenerator):
         self.mask = nn.Parameter(signs)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return masked_tile(self._scaled(bank), self.mask.to(bank.dtype), self.numel, self.offset).view(self.shape)
+        return masked_tile(bank, self.mask.to(bank.dtype), self.numel, self.offset, self.gain).view(self.shape)
 
 
 class SignedRepeat(WeightGenerator):
@@ -287,7 +305,7 @@ class SignedRepeat(WeightGenerator):
         self.register_buffer("signs", row_signs(self.shape[0], self.offset), persistent=False)
 
     def forward(self, bank: Tensor) -> Tensor:
-        return masked_tile(self._scaled(bank), self.signs.to(bank.dtype), self.numel, self.offset).view(self.shape)
+        return masked_tile(bank, self.signs.to(bank.dtype), self.numel, self.offset, self.gain).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, offset={self.offset}"
@@ -346,7 +364,7 @@ class Hash(WeightGenerator):
         eager = not torch.compiler.is_compiling() and not bank.is_meta
         if eager and not (torch.is_grad_enabled() and bank.requires_grad) and size >= self.chunk:
             return _hashed_blocks_no_grad(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
-        return hashed_blocks(self._scaled(bank), rows, self.numel, self.chunk).view(self.shape)
+        return hashed_blocks(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"

@@ -18,6 +18,10 @@ Both kernels here reach it without integer index tensors over the weight:
   is one value: per-element HashedNets hashing.
 * :func:`window_mix` (``superweight``): each SuperWeight mixes ``K`` templates of one bank window.
   The gathered windows (``K`` times the weight's size) are recomputed in backward, not kept.
+* :func:`template_mix` (``wavg``, ``emb``): one ``(1, K) @ (K, n)`` product; backward writes the
+  bank's gradient once (a broadcast multiply) and reads the templates once (the coefficients').
+* :func:`bilinear` (``interpolate``): a separable stretch, each axis a sparse matrix of two entries
+  per row (:func:`lerp_plan`, precomputed) applied with ``F.embedding_bag``, its transpose likewise.
 
 Example:
     >>> import torch
@@ -34,9 +38,22 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["skew_tile", "masked_tile", "row_signs", "hashed_blocks", "hash_rows", "slot_count", "window_mix"]
+__all__ = [
+    "skew_tile",
+    "masked_tile",
+    "row_signs",
+    "hashed_blocks",
+    "hash_rows",
+    "slot_count",
+    "window_mix",
+    "template_mix",
+    "lerp_plan",
+    "bilinear",
+    "LerpPlan",
+]
 
 # Constants of a 32-bit integer hash (lowbias32, a bijection on 32-bit integers); every product
 # stays below 2**63 because the state is masked to 32 bits before each multiplication.
@@ -137,9 +154,11 @@ def _unskew_add(out: Tensor, rows: Tensor, group: int = 64) -> None:
         out.narrow(0, start, size + k - 1).add_(shifted.sum(0))
 
 
-def _tile(bank: Tensor, lay: _TileLayout) -> Tensor:
-    """The skewed tiles of ``bank`` (see :func:`skew_tile`), written once into a new tensor."""
+def _tile(bank: Tensor, lay: _TileLayout, gain: float = 1.0) -> Tensor:
+    """The skewed tiles of ``gain * bank`` (see :func:`skew_tile`), written once into a new tensor."""
     doubled = _extend(bank, lay.length)  # doubled[i] = bank[i mod P]
+    if gain != 1.0:  # the bank-sized copy is scaled, not the output (the same values as scaling the bank)
+        doubled = doubled.mul_(gain) if lay.length > lay.size else doubled * gain
     size, start = lay.size, lay.head
     out = bank.new_empty(lay.head + lay.rows * size + lay.tail)
     out.narrow(0, 0, lay.head).copy_(doubled.narrow(0, lay.offset, lay.head))
@@ -157,9 +176,44 @@ def _tile(bank: Tensor, lay: _TileLayout) -> Tensor:
     return out
 
 
+# Below this many values the tiles' backward takes the few-op path (:func:`_unskew_copies`): per-op
+# overhead dominates there. Above it the per-copy adds move less memory (one read and one
+# read-modify-write per value against a zero fill, a copy and a sum): 2.1x against 2.6x a clone at 1M.
+FEW_OPS_BELOW = 1 << 18
+
+
+def _unskew_copies(grad: Tensor, lay: _TileLayout) -> Tensor:
+    """``u[m]``: the sum of ``grad`` over the values that read ``doubled[m]`` (fewer copies than ``P``).
+
+    Copy ``c`` (the head ``c = 0``, full copies, the tail) reads ``doubled[c : c + P]``. Its values are
+    written into row ``c`` of a zeroed ``(R, P + R)`` buffer starting at column ``c`` (one strided
+    view with row stride ``P + R + 1`` covers every row at once), and the columns are summed: a few
+    ops whatever the number of copies (a loop of one add per copy cost more than the adds did).
+    """
+    size, head, rows, tail = lay.size, lay.head, lay.rows, lay.tail
+    count = 1 + rows + (1 if tail else 0)
+    width = size + count
+    buffer = grad.new_zeros(count * width)
+    band = buffer.as_strided((count, size), (width + 1, 1))  # (c, k) at c * width + (c + k)
+    band[0].narrow(0, lay.offset, head).copy_(grad.narrow(0, 0, head))
+    if rows:
+        band.narrow(0, 1, rows).copy_(grad.narrow(0, head, rows * size).view(rows, size))
+    if tail:
+        band[rows + 1].narrow(0, 0, tail).copy_(grad.narrow(0, head + rows * size, tail))
+    return buffer.view(count, width).sum(0)  # (P + R,)
+
+
 def _tile_backward(grad: Tensor, lay: _TileLayout) -> Tensor:
     """The bank's gradient from the tiles' ``grad``: the adjoint of :func:`_tile`."""
     size, start = lay.size, lay.head
+    # Fewer copies than P and a small weight: few ops (eager only: compiled, the per-copy adds fuse).
+    if not lay.blocks and grad.numel() <= FEW_OPS_BELOW and not torch.compiler.is_compiling():
+        summed = _unskew_copies(grad, lay)  # length P + R <= 2P + 1
+        extra = summed.numel() - size
+        if extra > size:  # R = P + 1: a third partial copy
+            return _fold(summed, size)
+        summed.narrow(0, 0, extra).add_(summed.narrow(0, size, extra))  # the wrap, in place
+        return summed.narrow(0, 0, size)
     doubled = grad.new_zeros(lay.length)
     doubled.narrow(0, lay.offset, lay.head).add_(grad.narrow(0, 0, lay.head))
     if lay.rows:
@@ -177,15 +231,19 @@ def _tile_backward(grad: Tensor, lay: _TileLayout) -> Tensor:
     return _fold(doubled, size)
 
 
+def _scale(grad: Tensor, gain: float) -> Tensor:
+    return grad.mul_(gain) if gain != 1.0 else grad  # the bank-sized gradients here are fresh tensors
+
+
 class _SkewTile(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, bank: Tensor, numel: int, offset: int) -> Tensor:
-        ctx.layout = _tile_layout(bank.numel(), numel, offset)
-        return _tile(bank, ctx.layout)
+    def forward(ctx: Any, bank: Tensor, numel: int, offset: int, gain: float) -> Tensor:
+        ctx.layout, ctx.gain = _tile_layout(bank.numel(), numel, offset), gain
+        return _tile(bank, ctx.layout, gain)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _tile_backward(grad, ctx.layout), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return _scale(_tile_backward(grad, ctx.layout), ctx.gain), None, None, None
 
 
 class _MaskedTile(torch.autograd.Function):
@@ -193,21 +251,21 @@ class _MaskedTile(torch.autograd.Function):
     recomputed in backward, so the unmasked tiles are never kept (half the memory of two ops)."""
 
     @staticmethod
-    def forward(ctx: Any, bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
-        ctx.layout = _tile_layout(bank.numel(), numel, offset)
+    def forward(ctx: Any, bank: Tensor, mask: Tensor, numel: int, offset: int, gain: float) -> Tensor:
+        ctx.layout, ctx.gain = _tile_layout(bank.numel(), numel, offset), gain
         ctx.save_for_backward(bank, mask)
-        out = _tile(bank, ctx.layout)
+        out = _tile(bank, ctx.layout, gain)
         out.view(mask.shape[0], -1).mul_(mask.unsqueeze(1))  # (R, C) *= (R, 1)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
         bank, mask = ctx.saved_tensors
         rows = grad.view(mask.shape[0], -1)  # (R, C)
-        tiles = _tile(bank, ctx.layout).view_as(rows)  # recomputed: cheaper than keeping them
-        grad_mask = tiles.mul_(rows).sum(1)  # row-wise dot products (bmm measured 5x slower)
+        tiles = _tile(bank, ctx.layout, ctx.gain).view_as(rows)  # recomputed: cheaper than keeping them
+        grad_mask = torch.linalg.vecdot(tiles, rows)  # row-wise dot products in one pass (bmm: 4x slower)
         grad_bank = _tile_backward((rows * mask.unsqueeze(1)).view(-1), ctx.layout)
-        return grad_bank, grad_mask, None, None
+        return _scale(grad_bank, ctx.gain), grad_mask, None, None, None
 
 
 def row_signs(rows: int, salt: int, device: torch.device | None = None) -> Tensor:
@@ -221,7 +279,7 @@ def row_signs(rows: int, salt: int, device: torch.device | None = None) -> Tenso
     return (_mix32(h + _SIGN_SALT) & 1).to(torch.get_default_dtype()) * 2 - 1
 
 
-def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
+def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int, gain: float = 1.0) -> Tensor:
     """:func:`skew_tile` with row ``o`` of its ``(len(mask), -1)`` view multiplied by ``mask[o]``.
 
     Example:
@@ -233,14 +291,22 @@ def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int) -> Tensor:
         raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
     if numel % mask.numel():
         raise ValueError(f"`mask` of {mask.numel()} rows should divide the {numel} values.")
-    return _MaskedTile.apply(bank, mask, numel, offset)
+    if offset + numel <= size:  # no wrap: the tiles are a view, and the product the only write
+        return _scaled_bank(bank, gain).narrow(0, offset, numel).view(mask.shape[0], -1).mul(mask.unsqueeze(1)).view(-1)
+    return _MaskedTile.apply(bank, mask, numel, offset, float(gain))
 
 
-def skew_tile(bank: Tensor, numel: int, offset: int) -> Tensor:
-    """``numel`` values of the bank's rotated copies from ``offset`` (``0 <= offset < P``).
+def _scaled_bank(bank: Tensor, gain: float) -> Tensor:
+    return bank * gain if gain != 1.0 else bank
 
-    ``t[j] = bank[(k + c) mod P]`` for ``j + offset = c * P + k``: copy ``c`` rotated by ``c`` places.
-    One write of ``numel`` values forward, one read backward. Without a wrap it is a view.
+
+def skew_tile(bank: Tensor, numel: int, offset: int, gain: float = 1.0) -> Tensor:
+    """``numel`` values of the ``gain``-scaled bank's rotated copies from ``offset`` (``0 <= offset < P``).
+
+    ``t[j] = gain * bank[(k + c) mod P]`` for ``j + offset = c * P + k``: copy ``c`` rotated by ``c``
+    places. One write of ``numel`` values forward, one read backward. Without a wrap (and a gain of
+    1) it is a view. The gain scales the bank-sized values, not the output: the same values as
+    tiling ``bank * gain``, one op fewer.
 
     Example:
         >>> skew_tile(torch.arange(4.0), 6, 3).tolist()
@@ -250,8 +316,8 @@ def skew_tile(bank: Tensor, numel: int, offset: int) -> Tensor:
     if not 0 <= offset < size:
         raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
     if offset + numel <= size:
-        return bank.narrow(0, offset, numel)
-    return _SkewTile.apply(bank, numel, offset)
+        return _scaled_bank(bank.narrow(0, offset, numel), gain)
+    return _SkewTile.apply(bank, numel, offset, float(gain))
 
 
 # ---- chunked hashing ----------------------------------------------------------------------------
@@ -262,10 +328,11 @@ def slot_count(size: int, chunk: int) -> int:
 
 class _HashBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
+    def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
         size = bank.numel()
         slots = slot_count(size, chunk)
-        extended = _extend(bank, slots * chunk)  # the last slot wraps around to the bank's start
+        extended = _scaled_bank(_extend(bank, slots * chunk), gain)  # the last slot wraps to the bank's start
+        ctx.gain = gain
         table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
         ctx.save_for_backward(rows)
         ctx.shape = (size, chunk, numel)
@@ -275,14 +342,15 @@ class _HashBlocks(torch.autograd.Function):
         return out if out.numel() == numel else out.narrow(0, 0, numel)  # the last block may be partial
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (rows,) = ctx.saved_tensors
         size, chunk, numel = ctx.shape
         slots = slot_count(size, chunk)
         table = grad.new_zeros(2 * slots, chunk)
         full = numel // chunk
-        if chunk == 1:  # one value per row: the 1-D scatter is the fast one
-            table.view(-1).index_add_(0, rows, grad)
+        rows = rows.long()  # index_add_ takes twice as long with an int32 index (the stored one is int32)
+        if chunk == 1:  # one value per row: scatter_add_ measured 1.5x faster than index_add_ here
+            table.view(-1).scatter_add_(0, rows, grad)
         elif full:  # scatter-add whole rows: one index per block, no index per weight
             table.index_add_(0, rows.narrow(0, 0, full), grad.narrow(0, 0, full * chunk).view(full, chunk))
         if chunk > 1 and numel > full * chunk:
@@ -291,11 +359,12 @@ class _HashBlocks(torch.autograd.Function):
             )
             table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
         signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
-        return _fold(signed.view(-1), size), None, None, None
+        return _scale(_fold(signed.view(-1), size), ctx.gain), None, None, None, None
 
 
-def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
-    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed slot table.
+def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float = 1.0) -> Tensor:
+    """``numel`` values in blocks of ``chunk``; block ``b`` is row ``rows[b]`` of the signed slot table
+    (of the bank times ``gain``: the same values as hashing ``bank * gain``).
 
     The bank, wrapped to ``m * chunk`` values (``m`` = :func:`slot_count`), is cut into ``m`` slots
     of ``chunk`` contiguous values; row ``s < m`` of the table is slot ``s``, row ``m + s`` its
@@ -309,7 +378,7 @@ def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int) -> Tensor:
     blocks = -(-numel // chunk)
     if rows.shape != (blocks,):
         raise ValueError(f"`rows` should hold {blocks} block indices for {numel} values in chunks of {chunk}.")
-    return _HashBlocks.apply(bank, rows, numel, chunk)
+    return _HashBlocks.apply(bank, rows, numel, chunk, float(gain))
 
 
 def _smallest(keys: Tensor, k: int) -> Tensor:
@@ -415,3 +484,135 @@ def window_mix(source: Tensor, mix: Tensor, index: Tensor, span: int, stride: in
     if span % mix.shape[1] or stride < 1:
         raise ValueError(f"`span` {span} should be a multiple of the {mix.shape[1]} templates and `stride` >= 1.")
     return _WindowMix.apply(source, mix, index, span, stride)
+
+
+# ---- template mixing (wavg, emb) ----------------------------------------------------------------
+class _TemplateMix(torch.autograd.Function):
+    """``(gain * coefficients) @ bank[offset : offset + K * n].view(K, n)`` with a hand-written backward:
+    the bank's gradient is one broadcast multiply written straight into its ``(K, n)`` window and the
+    coefficients' one matrix-vector product (autograd's generic path took an outer-product ``mm``
+    and a bank-sized copy: 10x slower)."""
+
+    @staticmethod
+    def forward(ctx: Any, bank: Tensor, coefficients: Tensor, offset: int, numel: int, gain: float) -> Tensor:
+        k = coefficients.numel()
+        scaled = coefficients * gain if gain != 1.0 else coefficients
+        block = bank.narrow(0, offset, k * numel).view(k, numel)
+        ctx.save_for_backward(bank, scaled)
+        ctx.geometry = (offset, numel, gain)
+        return torch.mm(scaled.view(1, k), block).view(numel)  # (1, K) @ (K, n): mm beats mv here
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        bank, scaled = ctx.saved_tensors
+        offset, numel, gain = ctx.geometry
+        k = scaled.numel()
+        grad_bank = grad_coefficients = None
+        if ctx.needs_input_grad[0]:
+            whole = offset == 0 and k * numel == bank.numel()
+            grad_bank = bank.new_empty(bank.shape) if whole else bank.new_zeros(bank.shape)
+            torch.mul(scaled.view(k, 1), grad.view(1, numel), out=grad_bank.narrow(0, offset, k * numel).view(k, numel))
+        if ctx.needs_input_grad[1]:
+            block = bank.narrow(0, offset, k * numel).view(k, numel)
+            grad_coefficients = torch.mv(block, grad)  # (K, n) @ (n,)
+            if gain != 1.0:
+                grad_coefficients = grad_coefficients * gain
+        return grad_bank, grad_coefficients, None, None, None
+
+
+def template_mix(bank: Tensor, coefficients: Tensor, offset: int, numel: int, gain: float = 1.0) -> Tensor:
+    """``gain * sum_k coefficients[k] * bank[offset + k * numel :][:numel]``: ``K`` consecutive templates mixed.
+
+    One ``(1, K) @ (K, n)`` product forward; backward writes the bank's gradient once and reads the
+    templates once (for the coefficients' gradient).
+
+    Example:
+        >>> template_mix(torch.arange(6.0), torch.tensor([1.0, 2.0]), 0, 3, gain=0.5).tolist()
+        [3.0, 4.5, 6.0]
+    """
+    k = coefficients.numel()
+    if coefficients.dim() != 1 or offset < 0 or offset + k * numel > bank.numel():
+        raise ValueError(
+            f"{k} templates of {numel} values from `offset` {offset} do not fit a bank of {bank.numel()} values "
+            "(`coefficients` should be 1-D)."
+        )
+    return _TemplateMix.apply(bank, coefficients, offset, numel, float(gain))
+
+
+# ---- bilinear stretching (interpolate) -----------------------------------------------------------
+class LerpPlan(NamedTuple):
+    """Rows ``out`` of a linear stretch of ``size`` rows, and its transpose (for the backward).
+
+    Output row ``o`` is ``weight[o, 0] * x[index[o, 0]] + weight[o, 1] * x[index[o, 1]]``; source
+    row ``j`` receives ``bag_weight[i] * grad[bag_index[i]]`` for ``i`` in its bag (from
+    ``bag_offset[j]``).
+    """
+
+    index: Tensor
+    weight: Tensor
+    bag_index: Tensor
+    bag_offset: Tensor
+    bag_weight: Tensor
+
+
+def lerp_plan(out: int, size: int, scale: float = 1.0) -> LerpPlan:
+    """The ``align_corners=True`` linear stretch of ``size`` rows to ``out`` (as ``F.interpolate``), times ``scale``.
+
+    Example:
+        >>> lerp_plan(3, 2).weight.tolist()
+        [[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]]
+    """
+    step = (size - 1) / (out - 1) if out > 1 else 0.0
+    # On the CPU whatever the default device (plans are checked under the meta device, where
+    # bincount has no kernel); the buffers follow the module to its device like any other.
+    source = torch.arange(out, dtype=torch.float64, device="cpu") * step
+    low = source.floor().long().clamp(max=size - 1)
+    high = (low + 1).clamp(max=size - 1)
+    frac = source - low
+    index = torch.stack([low, high], 1)  # (out, 2)
+    weight = torch.stack([1 - frac, frac], 1) * scale
+    order = torch.argsort(index.reshape(-1), stable=True)  # entries by source row: the transpose's bags
+    counts = torch.bincount(index.reshape(-1), minlength=size)
+    offset = torch.cumsum(counts, 0) - counts
+    return LerpPlan(index, weight.float(), order // 2, offset, weight.reshape(-1)[order].float())
+
+
+class _RowMix(torch.autograd.Function):
+    """``out[o] = sum_i weight[o, i] * x[index[o, i]]`` with ``F.embedding_bag`` (one write of the
+    output), and the same for the transpose in backward (one read of the gradient; autograd's
+    ``upsample_bilinear2d_backward`` measured 10x slower)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, index: Tensor, weight: Tensor, bag_index: Tensor, bag_offset: Tensor, bag_weight: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(bag_index, bag_offset, bag_weight)
+        # Detached: with a weight that requires grad, embedding_bag takes its training kernel (10x slower).
+        return F.embedding_bag(index, x.detach(), mode="sum", per_sample_weights=weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        bag_index, bag_offset, bag_weight = ctx.saved_tensors
+        grad_x = F.embedding_bag(bag_index, grad.contiguous(), bag_offset, mode="sum", per_sample_weights=bag_weight)
+        return grad_x, None, None, None, None, None
+
+
+def _row_mix(x: Tensor, plan: LerpPlan) -> Tensor:
+    return _RowMix.apply(
+        x, plan.index, plan.weight.to(x.dtype), plan.bag_index, plan.bag_offset, plan.bag_weight.to(x.dtype)
+    )
+
+
+def bilinear(grid: Tensor, rows: LerpPlan, cols: LerpPlan) -> Tensor:
+    """The 2-D ``grid`` stretched by ``rows`` (along dim 0) and ``cols`` (dim 1): ``F.interpolate`` bilinear.
+
+    The columns are stretched first (the small ``(r, W)`` intermediate), then the rows: each output
+    value is written once.
+
+    Example:
+        >>> grid = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
+        >>> bilinear(grid, lerp_plan(3, 2), lerp_plan(3, 2)).tolist()
+        [[0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]]
+    """
+    wide = _row_mix(grid.t().contiguous(), cols).t().contiguous()  # (r, W): the columns stretched
+    return _row_mix(wide, rows)  # (H, W)

@@ -88,9 +88,16 @@ class _Recipe:
         return made
 
 
+def _own_tensors(generator: nn.Module) -> tuple[Tensor, ...]:
+    """The generator's parameters and buffers (its own dicts when it has no submodules: the module
+    iterators cost more than the rest of a small generator's bookkeeping)."""
+    if generator._modules:
+        return (*generator.parameters(), *generator.buffers())
+    return tuple(t for t in (*generator._parameters.values(), *generator._buffers.values()) if t is not None)
+
+
 def _versions(generator: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[int, ...]:
-    tensors = (*inputs, *generator.parameters(), *generator.buffers())
-    return tuple(t._version for t in tensors)
+    return tuple(t._version for t in (*inputs, *_own_tensors(generator)))
 
 
 class _Token:
@@ -159,7 +166,7 @@ def _record(label: str, generator: nn.Module, inputs: tuple, output: Any) -> Non
         return
     try:
         storage = StorageWeakRef(output.untyped_storage())
-        sources = (*inputs, *generator.parameters(), *generator.buffers())
+        sources = (*inputs, *_own_tensors(generator))
         if any(isinstance(t, Tensor) and StorageWeakRef(t.untyped_storage()) == storage for t in sources):
             return  # a view of a bank: keeping it costs nothing
     except (RuntimeError, NotImplementedError, TypeError):  # no plain storage: leave it to autograd

@@ -325,12 +325,14 @@ class SuperWeightMix(WeightGenerator):
         mix = None if coefficients is None else coefficients.to(bank.dtype).index_select(0, self.coefficient_rows)
         if mix is not None and self.stride > 0:  # the gathered windows are K weights' worth: not kept
             blocks = window_mix(source, mix, self.window_index, span, self.stride)  # (N, m)
+        elif mix is not None:  # every SuperWeight reads the same K templates: one (N, K) @ (K, m) product
+            blocks = torch.mm(mix, source.narrow(0, 0, span).view(k, m))  # (its backward: two products, no bmm)
         else:
             if self.stride > 0:
                 chosen = source.unfold(0, span, self.stride).index_select(0, self.window_index)  # (N, K*m)
             else:
                 chosen = source.narrow(0, 0, span).unsqueeze(0).expand(count, span)  # a view: free to keep
-            blocks = chosen if mix is None else torch.bmm(mix.unsqueeze(1), chosen.reshape(count, k, m)).squeeze(1)
+            blocks = chosen
         rows, cols = self.grid
         rest = self.block[2:]
         weight = blocks.view(rows, cols, *self.block).transpose(1, 2)  # (R, b0, C, b1, *kernel)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from models import CASES
 
 import npas_fx
+import npas_fx.kernels
 from npas_fx.budget import GeneratorConfig
 from npas_fx.generators import Hash, Mask, Repeat
 from npas_fx.kernels import (
@@ -111,12 +112,17 @@ def test_skew_tile_equals_the_old_gather(size, numel, offset_share, dtype):
 
 
 @settings(max_examples=150, deadline=None)
-@given(size=st.integers(1, 60), numel=st.integers(1, 1500), offset_share=st.floats(0, 1, exclude_max=True))
-def test_skew_tile_gradient_equals_the_old_gather(size, numel, offset_share):
+@given(
+    size=st.integers(1, 60),
+    numel=st.integers(1, 1500),
+    offset_share=st.floats(0, 1, exclude_max=True),
+    gain=st.sampled_from([1.0, 1.3]),
+)
+def test_skew_tile_gradient_equals_the_old_gather(size, numel, offset_share, gain):
     offset = int(offset_share * size)
     upstream = _bank(numel, seed=1)
     grads = []
-    for tile in (skew_tile, old_tile):
+    for tile in (lambda b, n, o: skew_tile(b, n, o, gain), lambda b, n, o: old_tile(b * gain, n, o)):
         bank = _bank(size).requires_grad_(True)
         (tile(bank, numel, offset) * upstream).sum().backward()
         grads.append(bank.grad)
@@ -139,11 +145,14 @@ TILE_LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("few_ops_below", [0, 1 << 18], ids=["per-copy-adds", "few-ops"])
 @pytest.mark.parametrize(("size", "numel", "offset"), TILE_LAYOUTS)
-def test_skew_tile_gradcheck(size, numel, offset):
+def test_skew_tile_gradcheck(size, numel, offset, few_ops_below, monkeypatch):
+    monkeypatch.setattr(npas_fx.kernels, "FEW_OPS_BELOW", few_ops_below)  # both backward paths
     bank = _bank(size).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda b: _SkewTile.apply(b, numel, offset), (bank,))
+    assert torch.autograd.gradcheck(lambda b: _SkewTile.apply(b, numel, offset, 1.0), (bank,))
     assert torch.autograd.gradcheck(lambda b: skew_tile(b, numel, offset), (bank,))
+    assert torch.autograd.gradcheck(lambda b: skew_tile(b, numel, offset, 1.3), (bank,))  # the gain folded in
 
 
 def test_skew_tile_without_wrap_is_a_view_and_rejects_bad_offsets():
@@ -167,13 +176,16 @@ def test_masked_tile_equals_the_old_tile_times_the_mask(size, rows, cols, offset
     bank, mask = _bank(size, dtype), _bank(rows, dtype, seed=2)
     expected = (old_tile(bank, rows * cols, offset).view(rows, cols) * mask.unsqueeze(1)).view(-1)
     assert torch.equal(masked_tile(bank, mask, rows * cols, offset), expected)
+    scaled = (old_tile(bank * 1.3, rows * cols, offset).view(rows, cols) * mask.unsqueeze(1)).view(-1)
+    assert torch.equal(masked_tile(bank, mask, rows * cols, offset, 1.3), scaled)  # gain on the bank: same values
 
 
 @pytest.mark.parametrize(("size", "numel", "offset"), TILE_LAYOUTS)
 def test_masked_tile_gradcheck(size, numel, offset):
     rows = next(r for r in (5, 4, 3, 2, 1) if numel % r == 0)
     bank, mask = _bank(size).requires_grad_(True), _bank(rows, seed=3).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda b, m: _MaskedTile.apply(b, m, numel, offset), (bank, mask))
+    assert torch.autograd.gradcheck(lambda b, m: _MaskedTile.apply(b, m, numel, offset, 1.0), (bank, mask))
+    assert torch.autograd.gradcheck(lambda b, m: masked_tile(b, m, numel, offset, 0.7), (bank, mask))
 
 
 def test_mask_equals_the_old_formula_up_to_rounding():
@@ -283,7 +295,8 @@ def test_chunked_hash_is_deterministic_and_salted():
 def test_hashed_blocks_gradcheck(size, numel, chunk):
     rows = hash_rows(numel, chunk, 3, size)
     bank = _bank(size).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda b: _HashBlocks.apply(b, rows, numel, chunk), (bank,))
+    assert torch.autograd.gradcheck(lambda b: _HashBlocks.apply(b, rows, numel, chunk, 1.0), (bank,))
+    assert torch.autograd.gradcheck(lambda b: hashed_blocks(b, rows, numel, chunk, 0.6), (bank,))
     gen = Hash((numel,), salt=3, gain=1.4, chunk=chunk, bank_size=size).double()
     assert torch.autograd.gradcheck(gen, (bank,))
 
