@@ -20,7 +20,7 @@ from models import CASES
 import npas_fx
 import npas_fx.kernels
 from npas_fx.budget import GeneratorConfig
-from npas_fx.generators import Hash, Mask, Repeat
+from npas_fx.generators import Hash, Interpolate, Mask, Repeat, TemplateMix
 from npas_fx.kernels import (
     _HashBlocks,
     _MaskedTile,
@@ -362,8 +362,10 @@ def test_plan_round_trip_keeps_the_chunk(chunk):
         lambda: (Mask((6, 5), offset=3, gain=0.9), 7),
         lambda: (Hash((10, 13), salt=4, gain=1.1, chunk=8, bank_size=20), 20),
         lambda: (Hash((10, 13), salt=4, chunk=1, bank_size=20), 20),
+        lambda: (TemplateMix((5, 3), offset=2, templates=3, gain=1.2), 50),
+        lambda: (Interpolate((7, 2, 3), offset=1, grid=(3, 4), gain=0.8), 20),
     ],
-    ids=["repeat", "mask", "hash-c8", "hash-c1"],
+    ids=["repeat", "mask", "hash-c8", "hash-c1", "wavg", "interpolate"],
 )
 def test_kernels_compile_fullgraph(make):
     torch._dynamo.reset()

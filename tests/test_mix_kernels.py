@@ -120,28 +120,6 @@ def test_interpolate_generator_dtypes_and_device_buffers(dtype):
     assert not any(name.startswith("_rows") for name in gen.state_dict())  # plans are rebuilt, not saved
 
 
-# ---- torch.compile ------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: (TemplateMix((5, 3), offset=2, templates=3, gain=1.2), 50),
-        lambda: (Interpolate((7, 2, 3), offset=1, grid=(3, 4), gain=0.8), 20),
-    ],
-    ids=["wavg", "interpolate"],
-)
-def test_mix_kernels_compile_fullgraph(make):
-    torch._dynamo.reset()
-    gen, size = make()
-    compiled = torch.compile(gen, fullgraph=True)
-    banks = [_bank(size, torch.float32).requires_grad_(True) for _ in range(2)]
-    outs = [gen(banks[0]), compiled(banks[1])]
-    torch.testing.assert_close(outs[1], outs[0])
-    upstream = torch.randn_like(outs[0])
-    grads = [torch.autograd.grad(out, bank, upstream)[0] for out, bank in zip(outs, banks, strict=True)]
-    torch.testing.assert_close(grads[1], grads[0])
-
-
 # ---- SuperWeights that share one window ---------------------------------------------------------
 def test_shared_window_superweights_equal_the_batched_formula_with_gradients():
     from npas_fx.superweights import SuperWeightMix
