@@ -113,6 +113,23 @@ def _graph_order(infos: list[ParamInfo], gm: fx.GraphModule) -> list[ParamInfo]:
 
 
 # ---- planning -----------------------------------------------------------------------------------
+def hash_block(shape: Sequence[int], bank_size: int, config: GeneratorConfig) -> int:
+    """Contiguous weights per hashed block of a layer: ``config.hash_chunk`` at most, never more
+    than the bank holds (a longer block would only repeat it), and at most a quarter of a row.
+
+    The row bound keeps every row at least four independently hashed blocks: with one block per
+    row, whole rows of a small layer coincide up to sign (a byte LM's 256 embeddings of width 64,
+    hashed in blocks of 64 at budget 5 %, became 132 distinct rows and the model fell behind a
+    dense one of the same size).
+
+    Example:
+        >>> hash_block((256, 64), 10_000, GeneratorConfig()), hash_block((512, 784), 10_000, GeneratorConfig())
+        (16, 64)
+    """
+    row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+    return max(1, min(config.hash_chunk, bank_size, row // 4))
+
+
 def _layer_plans(
     generated: list[ParamInfo], grouping: Grouping, alloc: Allocation, config: GeneratorConfig, copy_weights: bool
 ) -> list[LayerPlan]:
@@ -125,8 +142,7 @@ def _layer_plans(
             share = position / len(members)  # staggered start inside the group's bank
             fields: dict[str, Any] = {"templates": k}
             if grouping.force == "hash" or (k == 0 and config.upsample == "hash"):
-                # A block never holds more values than the bank has (it would only repeat them).
-                fields.update(generator="hash", salt=i, chunk=max(1, min(config.hash_chunk, size)))
+                fields.update(generator="hash", salt=i, chunk=hash_block(info.shape, size, config))
             elif k == 0 and config.upsample == "interpolate":
                 rows, cols = interpolation_grid(info.shape, size)
                 fields.update(
