@@ -57,7 +57,8 @@ class GeneratorConfig:
         normalize: ``"none"`` or ``"softmax"``: how ``"emb"`` coefficients are normalised
             (SSN's mapping search uses softmax so that layers' coefficients are comparable).
         hash_chunk: contiguous weights per hashed block of ``"hash"`` (ROAST): one hash per
-            block, which reads a contiguous bank range. ``1`` is per-element HashedNets.
+            block, which reads a contiguous bank range. ``1`` is per-element HashedNets. A layer's
+            blocks are also at most a quarter of its rows (``build.hash_block``).
 
     Example:
         >>> GeneratorConfig(upsample="repeat").upsample
