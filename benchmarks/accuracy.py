@@ -36,7 +36,7 @@ from benchmarks.sweep import SEARCH_SHARE, build, mean_std, method_table, plot, 
 from examples.digits import DigitsSplit, accuracy, load_digits_split, train  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.25, 1.0, 2.0, 4.0)
-STRATEGIES = ("hash", "shape", "single", "random", "ssn", "swn")
+STRATEGIES = ("hash", "shape", "single", "random", "superweight", "ssn", "swn")
 WIDTH = 8
 BATCH = 64
 ROOT = Path(__file__).resolve().parent.parent
