@@ -386,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-s",
         "--strategy",
         choices=sorted(STRATEGIES),
-        default="shape",
+        default="auto",
         metavar="NAME",
-        help="who shares (shape; see below)",
+        help="who shares (auto: single below the model's size, shape at or above it; see below)",
     )
     plan.add_argument("--seed", type=int, default=0, help="seeds the model's init, the grouping and the banks (0)")
     plan.add_argument(

@@ -30,6 +30,7 @@ from .passes.run_example import ModuleRunError, run_example
 from .passes.trace import trace
 from .plan import Plan
 from .runtime import INDEX_ATTR, SHARED_ATTR, uncached
+from .strategies import resolve_auto
 from .validation import check_arguments, check_budget_size, check_model
 from .workcopy import SharedWeightWrite, full_copy, working_copy
 
@@ -124,7 +125,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     budget: int | float | None = None,
     *,
     example_inputs: tuple | Mapping[str, Any] | None = None,
-    strategy: str = "shape",
+    strategy: str = "auto",
     seed: int = 0,
     plan: Plan | None = None,
     generators: GeneratorConfig | None = None,
@@ -148,7 +149,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
             (arguments they leave out may be specialised; a partial trace is kept only if it gives
             the model's outputs, else the root runs as one leaf); the result is run on them once,
             so a module that fails with generated weights is named at compile time.
-        strategy: ``"shape"`` (identical shapes share), ``"single"``, ``"random"``, ``"hash"``,
+        strategy: ``"auto"`` (default: ``"single"`` below the model's parameter count, where it
+            measured best, ``"shape"`` at or above it), ``"shape"`` (identical shapes share),
+            ``"single"`` (one bank), ``"random"``, ``"hash"``,
             ``"superweight"`` (SuperWeights per bin), the learned ``"ssn"`` and ``"swn"`` (need
             ``data``), or one registered by :func:`npas_fx.strategies.register_strategy`.
         seed: seeds grouping and initialisation; the same seed gives the same model.
@@ -203,6 +206,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
     else:
         config = generators or GeneratorConfig()
         target = resolve_budget(budget, original)
+        if strategy == "auto":  # the plan records the strategy it stands for
+            strategy = resolve_auto(target, original)
     check_budget_size(target, original, allow_large_budget)
 
     # A saved plan re-applies to the same leaves (its parameter names depend on them).

@@ -12,12 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StrategyContext", "Grouping", "STRATEGIES", "register_strategy", "DATA_FREE"]
+__all__ = ["StrategyContext", "Grouping", "STRATEGIES", "register_strategy", "DATA_FREE", "resolve_auto"]
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Grouping:
 
 Strategy = Callable[[StrategyContext], Grouping]
 STRATEGIES: dict[str, Strategy] = {}
-DATA_FREE = ("shape", "single", "random", "hash")
+DATA_FREE = ("auto", "shape", "single", "random", "hash")
 
 
 def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
@@ -87,6 +88,28 @@ def share_identical_shapes(ctx: StrategyContext) -> Grouping:
 def share_one_bank(ctx: StrategyContext) -> Grouping:
     """Every layer draws from one global bank."""
     return Grouping((tuple(range(len(ctx.shapes))),))
+
+
+def resolve_auto(budget: int, original: int) -> str:
+    """The strategy ``"auto"`` (compile's default) stands for at this budget.
+
+    ``"single"`` below the model's trainable count: it measured best at low budgets on both accuracy
+    benchmarks (README, "Which strategy"); ``"shape"`` at or above it, where it keeps the identity
+    plan (a budget of 1.0 reproduces the original exactly when no two layers share a shape) and
+    measured best at 400 % on digits.
+
+    Example:
+        >>> resolve_auto(100, 1000), resolve_auto(1000, 1000)
+        ('single', 'shape')
+    """
+    return "single" if budget < original else "shape"
+
+
+@register_strategy("auto")
+def share_by_budget(ctx: StrategyContext) -> Grouping:
+    """``"single"`` below the model's trainable count, ``"shape"`` at or above it (:func:`resolve_auto`)."""
+    total = ctx.kept + sum(math.prod(shape) for shape in ctx.shapes)
+    return STRATEGIES[resolve_auto(ctx.budget, total)](ctx)
 
 
 @register_strategy("random")

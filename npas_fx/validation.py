@@ -42,7 +42,7 @@ LEARNED = ("ssn", "swn")
 _SUPERWEIGHT_OPTIONS = ("groups", "hard", "shares")
 _GROUP_COUNTING = ("random", "ssn", "swn")  # the built-in strategies that read `num_groups`
 # What a saved plan fixes, with compile's defaults: giving another value next to `plan=` is refused.
-_PLAN_FIXES = {"strategy": "shape", "seed": 0, "copy_weights": True}
+_PLAN_FIXES = {"strategy": "auto", "seed": 0, "copy_weights": True}
 _PLAN_FIXES_NONE = ("generators", "keep", "num_groups", "data", "loss_fn", "options", "search_steps")
 
 
@@ -137,7 +137,7 @@ def check_arguments(
     budget: Any = None,
     *,
     plan: Any = None,
-    strategy: Any = "shape",
+    strategy: Any = "auto",
     seed: Any = 0,
     generators: Any = None,
     keep: Any = None,

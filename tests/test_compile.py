@@ -243,6 +243,19 @@ def test_identity_needs_distinct_shapes():
     assert not torch.allclose(gm(*case.inputs()), model(*case.inputs()))
 
 
+@pytest.mark.parametrize(("budget", "stands_for"), [(0.1, "single"), (0.999, "single"), (1.0, "shape"), (4.0, "shape")])
+def test_the_default_strategy_auto_is_single_below_the_model_and_shape_from_it(budget, stands_for):
+    case = CASES["residual_cnn"]
+    default = npas_fx.compile(case.build(), budget)
+    explicit = npas_fx.compile(case.build(), budget, strategy=stands_for)
+    plan = npas_fx.plan_of(default)
+    assert plan == npas_fx.plan_of(explicit)  # recorded as the strategy it stood for: re-applies as such
+    assert plan.strategy == stands_for
+    assert npas_fx.plan_of(npas_fx.compile(case.build(), plan=plan)) == plan
+    x = case.inputs()
+    torch.testing.assert_close(default.eval()(*x), explicit.eval()(*x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("strategy", ["random", "shape", "hash"])
 def test_same_seed_same_model_other_seed_other_model(strategy):
     case = CASES["attention_block"]

@@ -323,13 +323,13 @@ ARGUMENTS = [
     ({"num_groups": True, "strategy": "random"}, TypeError, ["`num_groups`", "True"]),
     ({"num_groups": -2, "strategy": "random"}, ValueError, ["`num_groups`", "-2"]),
     ({"options": "abc"}, TypeError, ["`options`", "'abc'"]),
-    ({"options": {"lr": 0.1}}, ValueError, ["`options`", "'lr'", "'shape'", "drop"]),
+    ({"options": {"lr": 0.1}}, ValueError, ["`options`", "'lr'", "'auto'", "drop"]),
     ({"options": {"lr": 0.1}, "strategy": "hash"}, ValueError, ["`options`", "'lr'", "'hash'"]),
     ({"options": {"threshold": 0.1}, "strategy": "superweight"}, ValueError, ["'threshold'", "groups", "hard"]),
     ({"options": {"thresold": 0.1}, "strategy": "swn"}, ValueError, ["'thresold'", "threshold"]),
     ({"options": {"threshold": 0.1}, "strategy": "ssn"}, ValueError, ["'threshold'", "templates"]),
     ({"loss_fn": "cross_entropy", "strategy": "swn"}, TypeError, ["`loss_fn`", "torch.nn.functional.cross_entropy"]),
-    ({"loss_fn": F.cross_entropy}, ValueError, ["'shape'", "data-free", "`loss_fn`"]),
+    ({"loss_fn": F.cross_entropy}, ValueError, ["'auto'", "data-free", "`loss_fn`"]),
     ({"data": torch.randn(3, 4), "strategy": "ssn"}, TypeError, ["`data`", "Tensor"]),
     ({"search_steps": 0, "strategy": "swn"}, ValueError, ["`search_steps`", "0"]),
     ({"copy_weights": "yes"}, TypeError, ["`copy_weights`", "'yes'"]),
@@ -340,7 +340,7 @@ ARGUMENTS = [
     ({"budget": [0.5]}, TypeError, ["`budget`", "list"]),
     ({"budget": 10**9}, ValueError, ["`budget`", "1,000,000,000", "allow_large_budget=True"]),
     ({"allow_large_budget": 1}, TypeError, ["`allow_large_budget`"]),
-    ({"num_groups": 2}, ValueError, ["'shape'", "`num_groups`", "'random'"]),
+    ({"num_groups": 2}, ValueError, ["'auto'", "`num_groups`", "'random'"]),
     ({"num_groups": 2, "strategy": "hash"}, ValueError, ["'hash'", "`num_groups`"]),
 ]
 
@@ -616,7 +616,9 @@ def _compiled_variants(model: nn.Module) -> list[nn.Module]:
 
 
 def test_summary_says_how_many_weights_in_all():
-    plan = npas_fx.plan_of(npas_fx.compile(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)), 0.5))
+    plan = npas_fx.plan_of(
+        npas_fx.compile(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)), 0.5, strategy="shape")
+    )
     lines = plan.summary().splitlines()
     assert any(line.startswith("g0: bank ") and " for 2 layers, 128 weights in all (x" in line for line in lines)
     assert any(line.startswith("g1: bank ") and " for 1 layer, 16 weights in all (x" in line for line in lines)
