@@ -168,7 +168,10 @@ def _tile(bank: Tensor, lay: _TileLayout, gain: float = 1.0) -> Tensor:
             whole = out.narrow(0, start, lay.blocks * size * size).view(lay.blocks, size, size)
             whole.copy_(circulant.expand(lay.blocks, size, size))
             start += lay.blocks * size * size
-        if lay.extra:
+        if lay.extra == 1:  # copy_ of a (1, P) view with strides (1, 1) ran element by element: 30x slower
+            out.narrow(0, start, size).copy_(circulant[0])
+            start += size
+        elif lay.extra:
             out.narrow(0, start, lay.extra * size).view(lay.extra, size).copy_(circulant[: lay.extra])
             start += lay.extra * size
     if lay.tail:
@@ -262,8 +265,10 @@ class _MaskedTile(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
         bank, mask = ctx.saved_tensors
         rows = grad.view(mask.shape[0], -1)  # (R, C)
-        tiles = _tile(bank, ctx.layout, ctx.gain).view_as(rows)  # recomputed: cheaper than keeping them
-        grad_mask = torch.linalg.vecdot(tiles, rows)  # row-wise dot products in one pass (bmm: 4x slower)
+        grad_mask = None
+        if ctx.needs_input_grad[1]:  # a learned mask; `signed`'s fixed signs skip the recomputed tiles
+            tiles = _tile(bank, ctx.layout, ctx.gain).view_as(rows)  # recomputed: cheaper than keeping them
+            grad_mask = torch.linalg.vecdot(tiles, rows)  # row-wise dot products in one pass (bmm: 4x slower)
         grad_bank = _tile_backward((rows * mask.unsqueeze(1)).view(-1), ctx.layout)
         return _scale(grad_bank, ctx.gain), grad_mask, None, None, None
 
