@@ -163,7 +163,7 @@ def main() -> None:
             original = sum(p.numel() for p in model.parameters())
             base = make_step(model, x, y, use_compile)
             for budget in args.budgets:
-                gm = npas_fx.compile(model, budget, strategy="shape", seed=0, recompute=recompute)
+                gm = npas_fx.compile(model, budget, seed=0, recompute=recompute)
                 count = npas_fx.count_parameters(gm)
                 steps = [make_step(gm, x, y, use_compile)]
                 if count > original:

@@ -78,6 +78,7 @@ class BuildSettings:
     options: Mapping[str, Any] | None = None
     search_steps: int | None = None
     recompute: bool = False  # compile's default is its own; search models keep their weights
+    recompute_min_numel: int = 0  # weights smaller than this are kept (see npas_fx.recompute.AUTO_MIN_NUMEL)
     init: str = "random"  # "fit": banks start as the least-squares fit of the trained weights
 
 
@@ -370,7 +371,7 @@ def build(traced: TraceResult, target: int, settings: BuildSettings) -> fx.Graph
     setattr(gm, PLAN_KEY, plan)  # what pickling keeps
     setattr(shared, PLAN_KEY, plan)  # what deepcopy then pickling keeps
     if settings.recompute:
-        set_recompute(gm)
+        set_recompute(gm, min_numel=settings.recompute_min_numel)
     achieved = count_parameters(gm)
     if achieved != target or plan.trainable_params != target:
         raise RuntimeError(

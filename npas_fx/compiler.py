@@ -29,6 +29,7 @@ from .passes.insert_generators import forget_flat_weights
 from .passes.run_example import ModuleRunError, run_example
 from .passes.trace import trace
 from .plan import Plan
+from .recompute import AUTO_MIN_NUMEL
 from .runtime import INDEX_ATTR, SHARED_ATTR, uncached
 from .strategies import resolve_auto
 from .validation import check_arguments, check_budget_size, check_model
@@ -172,8 +173,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
         recompute: regenerate each generated weight in backward instead of keeping it from the
             forward (:mod:`npas_fx.recompute`), so that training memory follows the budget. ``None``
             (default): on when the budget is below the model's trainable count, where generated
-            weights are most of what a step holds (``benchmarks/memory.py``), off at or above it,
-            where banks and their Adam state dominate and regeneration would only cost time.
+            weights are most of what a step holds (``benchmarks/memory.py``), for weights of at least
+            ``AUTO_MIN_NUMEL`` (2**18) values: smaller ones cost more time to remake than memory to
+            keep. Off at or above the model's count, where banks and their Adam state dominate and
+            regeneration would only cost time. ``True``: every generated weight.
             A no-op under ``torch.compile``; switch later with ``npas_fx.set_recompute(gm, flag)``.
         init: ``"random"`` (banks start random, at the trained weights' scale) or ``"fit"`` (banks and
             coefficients start as the least-squares fit of the model's trained weights, see
@@ -232,6 +235,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options=options,
         search_steps=search_steps,
         recompute=target < original if recompute is None else recompute,
+        recompute_min_numel=AUTO_MIN_NUMEL if recompute is None else 0,
         init=init,
     )
     gm = build(traced, target, settings)

@@ -46,7 +46,14 @@ import torch
 from torch import Tensor, fx, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["set_recompute", "recompute_enabled", "RecomputeError"]
+__all__ = ["set_recompute", "recompute_enabled", "RecomputeError", "AUTO_MIN_NUMEL"]
+
+# compile's default (``recompute=None`` below the model's size) regenerates only weights of at least
+# this many values (1 MiB in float32). Below it, regenerating costs mostly per-call overhead (a
+# 131K-value tiled weight: 250 us of eager CPU time, 10x its clone, benchmarks/overhead.py's CNN
+# step +0.18x) while keeping it costs under 1 MiB (that CNN's step peak: 0.69x -> 0.70x).
+AUTO_MIN_NUMEL = 1 << 18
+_MIN_NUMEL_ATTR = "_npas_recompute_min_numel"  # on the banks' module: survives deepcopy and pickling
 
 
 class RecomputeError(RuntimeError):
@@ -158,11 +165,11 @@ def _unpack(packed: Any) -> Any:
     return packed.unpack(packed.packed) if isinstance(packed, _Delegated) else packed
 
 
-def _record(label: str, generator: nn.Module, inputs: tuple, output: Any) -> None:
+def _record(label: str, generator: nn.Module, inputs: tuple, output: Any, *, min_numel: int = 0) -> None:
     """Forward hook of a generator: remember how its output was made (inside a compiled forward)."""
     if torch.compiler.is_compiling() or not _STATE.depth or not torch.is_grad_enabled():
         return
-    if not isinstance(output, Tensor) or output.is_inference():
+    if not isinstance(output, Tensor) or output.is_inference() or output.numel() < min_numel:
         return
     try:
         storage = StorageWeakRef(output.untyped_storage())
@@ -221,23 +228,31 @@ def _is_record(hook: Any) -> bool:
     return isinstance(hook, functools.partial) and hook.func is _record
 
 
-def _generators(gm: nn.Module) -> list[tuple[str, nn.Module]]:
+def _shared(gm: nn.Module) -> nn.Module:
     from .build import PLAN_KEY, SHARED_NAME  # late: build imports this module
 
     shared = getattr(gm, SHARED_NAME, None)
-    plan = getattr(shared, PLAN_KEY, None)  # the banks' module keeps the plan through copies and pickling
-    if plan is None:
+    if getattr(shared, PLAN_KEY, None) is None:  # the banks' module keeps the plan through copies and pickling
         raise ValueError(f"{type(gm).__name__} is not a model compiled by npas_fx.compile (it has no plan or banks).")
+    return shared
+
+
+def _generators(gm: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .build import PLAN_KEY
+
+    shared = _shared(gm)
+    plan = getattr(shared, PLAN_KEY)
     return [(f"layer {i} ({layer.name!r})", shared.generators[f"l{i}"]) for i, layer in enumerate(plan.layers)]
 
 
-def set_recompute(gm: nn.Module, enabled: bool = True) -> nn.Module:
+def set_recompute(gm: nn.Module, enabled: bool = True, *, min_numel: int = 0) -> nn.Module:
     """Turn recomputation of generated weights in backward on or off for compiled model ``gm``.
 
     Installs (or removes) a forward pre-hook and an always-called forward hook on ``gm`` and a
     forward hook on each generator. ``copy.deepcopy`` and pickling of a GraphModule drop its own
     forward hooks, so they are installed again on the copy (a deepcopy hook; a ``__reduce__`` on
-    the class torch.fx makes for this one GraphModule). Returns ``gm``.
+    the class torch.fx makes for this one GraphModule). Weights of fewer than ``min_numel`` values
+    are kept as without recompute (compile's default uses :data:`AUTO_MIN_NUMEL`). Returns ``gm``.
 
     Example:
         >>> import torch, npas_fx
@@ -247,7 +262,10 @@ def set_recompute(gm: nn.Module, enabled: bool = True) -> nn.Module:
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"`enabled` should be True or False, got {type(enabled).__name__} {enabled!r}.")
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise TypeError(f"`min_numel` should be a non-negative int, got {type(min_numel).__name__} {min_numel!r}.")
     generators = _generators(gm)
+    setattr(_shared(gm), _MIN_NUMEL_ATTR, min_numel if enabled else 0)
     _remove(gm._forward_pre_hooks, lambda h: h is _enter)
     _remove(gm._forward_hooks, lambda h: h is _exit, gm._forward_hooks_always_called)
     for _, generator in generators:
@@ -261,7 +279,7 @@ def set_recompute(gm: nn.Module, enabled: bool = True) -> nn.Module:
         gm.register_forward_pre_hook(_enter)
         gm.register_forward_hook(_exit, always_call=True)
         for label, generator in generators:
-            generator.register_forward_hook(functools.partial(_record, label))
+            generator.register_forward_hook(functools.partial(_record, label, min_numel=min_numel))
         if copy_hooks is not None:
             copy_hooks.append(_copied)
         if _own_class(gm):
@@ -274,8 +292,12 @@ def _own_class(gm: nn.Module) -> bool:
     return isinstance(gm, fx.GraphModule) and type(gm).__qualname__.endswith("GraphModuleImpl")
 
 
+def _min_numel(gm: nn.Module) -> int:
+    return getattr(_shared(gm), _MIN_NUMEL_ATTR, 0)
+
+
 def _copied(copy: nn.Module) -> None:
-    set_recompute(copy, True)
+    set_recompute(copy, True, min_numel=_min_numel(copy))
 
 
 def _reduce(gm: fx.GraphModule) -> tuple:
@@ -284,7 +306,8 @@ def _reduce(gm: fx.GraphModule) -> tuple:
 
 
 def _rebuilt(rebuild: Any, args: tuple) -> nn.Module:
-    return set_recompute(rebuild(*args), True)
+    gm = rebuild(*args)
+    return set_recompute(gm, True, min_numel=_min_numel(gm))
 
 
 def recompute_enabled(gm: nn.Module) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import npas_fx
-from npas_fx.recompute import RecomputeError
+from npas_fx.recompute import AUTO_MIN_NUMEL, RecomputeError
 
 top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
@@ -125,14 +125,16 @@ def test_saved_bytes_with_recompute_are_below_the_original(name):
 
 def test_set_recompute_switches_it_off_and_on():
     model, inputs = _model("traced"), _inputs("traced")
-    gm = npas_fx.compile(model, 0.1)
-    assert npas_fx.recompute_enabled(gm)  # the default below the original's size
+    gm = npas_fx.compile(model, 0.1, recompute=True)
+    assert npas_fx.recompute_enabled(gm)
     on, _ = saved_bytes(gm, inputs)
     off, _ = saved_bytes(npas_fx.set_recompute(gm, False), inputs)
     assert not npas_fx.recompute_enabled(gm) and off > 2 * on
     assert saved_bytes(npas_fx.set_recompute(gm, True), inputs)[0] == on
     with pytest.raises(TypeError, match="`enabled`"):
         npas_fx.set_recompute(gm, "yes")
+    with pytest.raises(TypeError, match="`min_numel`"):
+        npas_fx.set_recompute(gm, True, min_numel=-1)
     with pytest.raises(ValueError, match="not a model compiled"):
         npas_fx.set_recompute(model)
 
@@ -217,7 +219,7 @@ def test_checkpoint_around_the_compiled_model_gives_the_same_gradients(use_reent
     x = x.requires_grad_(use_reentrant)
     grads = []
     for checkpointed in (False, True):
-        gm = npas_fx.compile(model, 0.1)
+        gm = npas_fx.compile(model, 0.1, recompute=True)
         out = checkpoint(gm, x, use_reentrant=use_reentrant) if checkpointed else gm(x)
         out.square().sum().backward()
         grads.append(_grads(gm))
@@ -229,7 +231,7 @@ def test_outer_saved_tensor_hooks_still_see_the_activations():
     # save_on_cpu and friends wrap the model in their own hooks: recompute hands them every
     # tensor that is not a generated weight, and gets it back from them in backward.
     model, (x,) = _model("traced"), _inputs("traced")
-    gm = npas_fx.compile(model, 0.1)
+    gm = npas_fx.compile(model, 0.1, recompute=True)
     packed, unpacked = [], []
 
     def pack(tensor: Tensor) -> tuple[str, Tensor]:
@@ -255,7 +257,7 @@ def test_outer_saved_tensor_hooks_still_see_the_activations():
 @pytest.mark.parametrize("change", ["in_place", "optimizer_step"])
 def test_a_bank_changed_between_forward_and_backward_raises(change):
     model, (x,) = _model("traced"), _inputs("traced")
-    gm = npas_fx.compile(model, 0.1)
+    gm = npas_fx.compile(model, 0.1, recompute=True)
     loss = gm(x).square().sum()
     if change == "in_place":
         with torch.no_grad():
@@ -283,7 +285,7 @@ def test_eval_and_no_grad_are_unchanged_and_cached():
 
 
 def test_hooks_never_leak_when_the_forward_raises():
-    gm = npas_fx.compile(_model("traced"), 0.1)
+    gm = npas_fx.compile(_model("traced"), 0.1, recompute=True)
     with pytest.raises(RuntimeError):
         gm(torch.randn(1, 4, 7))  # wrong width
     assert top_hooks(True) is None
@@ -291,8 +293,43 @@ def test_hooks_never_leak_when_the_forward_raises():
     out.sum().backward()
 
 
+class LargeAndSmall(nn.Module):
+    """One weight of exactly AUTO_MIN_NUMEL values, one far below it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.large = nn.Linear(512, 512)  # 2**18 weights
+        self.small = nn.Linear(512, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.small(torch.tanh(self.large(x)))
+
+
+@pytest.mark.parametrize("copied", ["as compiled", "deepcopy", "torch.save"])
+def test_the_default_regenerates_large_weights_and_keeps_small_ones(copied):
+    torch.manual_seed(0)
+    model, x = LargeAndSmall(), (torch.randn(2, 512, requires_grad=True),)  # so linear keeps its weight
+    default = npas_fx.compile(model, 0.1, strategy="shape")
+    if copied == "deepcopy":
+        default = copy.deepcopy(default)
+    elif copied == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(default, buffer)
+        default = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    every = npas_fx.compile(model, 0.1, strategy="shape", recompute=True)
+    keep = npas_fx.compile(model, 0.1, strategy="shape", recompute=False)
+    small, large = 16 * 512 * 4, 512 * 512 * 4
+    assert AUTO_MIN_NUMEL == 512 * 512
+    kept = {name: saved_bytes(gm, x) for name, gm in [("default", default), ("every", every), ("keep", keep)]}
+    assert kept["keep"][1] >= large  # recompute off: the large generated weight is kept
+    assert kept["default"][1] < large  # the default remakes it ...
+    assert kept["default"][0] >= kept["every"][0] + small  # ... and keeps the small one
+    banks = max(p.numel() * 4 for p in every.npas.parameters())
+    assert kept["every"][1] <= banks  # recompute=True remakes every generated weight: only banks are kept
+
+
 def test_the_option_survives_copies_and_is_validated():
-    gm = npas_fx.compile(_model("traced"), 0.1)
+    gm = npas_fx.compile(_model("traced"), 0.1, recompute=True)
     buffer = io.BytesIO()
     torch.save(gm, buffer)
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
