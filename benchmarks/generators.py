@@ -2,7 +2,7 @@
 
 The floor for a generated weight is one write of its size forward and one read backward
 (DESIGN.md section 7). For each generator kind and weight sizes of 10K to 4M values (banks at 10 %
-of the weight for the upsamplers ``repeat``, ``interpolate``, ``mask``, ``hash`` (chunks of 64, 16, 1); 4 templates for
+of the weight for the upsamplers ``repeat``, ``signed`` (the default), ``interpolate``, ``mask``, ``hash`` (chunks of 64, 16, 1); 4 templates for
 the mixers ``wavg``, ``emb``, ``superweight``; a bank of the weight's size for ``slice``):
 
 * forward: ``gen(bank, ...)`` with autograd recording (bank and generator parameters require grad);
@@ -53,6 +53,7 @@ from npas_fx.generators import (  # noqa: E402
     Interpolate,
     Mask,
     Repeat,
+    SignedRepeat,
     TemplateMix,
     WeightGenerator,
     interpolation_grid,
@@ -137,6 +138,7 @@ def make_cases(shape: tuple[int, int], device: str) -> dict[str, Case]:
         "wavg": (TemplateMix(shape, 0, TEMPLATES, gain=1.3), TEMPLATES * n, ()),
         "emb": (EmbeddingMix(shape, 0, TEMPLATES, 24, gain=1.3), TEMPLATES * n, emb),
         "repeat": (Repeat(shape, offset, gain=1.3), small, ()),
+        "signed": (SignedRepeat(shape, offset, gain=1.3), small, ()),
         "interpolate": (Interpolate(shape, 0, interpolation_grid(shape, small), gain=1.3), small, ()),
         "mask": (Mask(shape, offset, gain=1.3), small, ()),
         "hash c64": (Hash(shape, 3, gain=1.3, chunk=64, bank_size=small), small, ()),
