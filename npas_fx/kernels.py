@@ -441,7 +441,11 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
 
 
 # ---- SuperWeight template mixing -----------------------------------------------------------------
-WINDOW_CHUNK = 2**22  # gathered window values per chunk of SuperWeights (16 MiB of float32)
+# Gathered window values per chunk of SuperWeights (1 MiB of float32). Small on purpose: glibc
+# raises its mmap threshold to the size of a freed mapped block, so 16 MiB chunks sent every
+# later weight-sized tensor to a heap that keeps its freed blocks (swn on BERT-base: 2.5 GB peak
+# above the model with 16 MiB chunks, 1.4 GB with 1 MiB ones; benchmarks/search_memory.py).
+WINDOW_CHUNK = 2**18
 
 
 def _windows(source: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
