@@ -446,35 +446,79 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
 
 
 # ---- SuperWeight template mixing -----------------------------------------------------------------
+# Gathered window values per chunk of SuperWeights (1 MiB of float32). Small on purpose: glibc
+# raises its mmap threshold to the size of a freed mapped block, so 16 MiB chunks sent every
+# later weight-sized tensor to a heap that keeps its freed blocks (swn on BERT-base: 2.5 GB peak
+# above the model with 16 MiB chunks, 1.4 GB with 1 MiB ones; benchmarks/search_memory.py).
+WINDOW_CHUNK = 2**18
+
+
 def _windows(source: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
     return source.unfold(0, span, stride).index_select(0, index)  # (N, span)
 
 
+def _row_chunks(count: int, span: int) -> list[tuple[int, int]]:
+    """``(start, length)`` runs of SuperWeights whose gathered windows hold ``WINDOW_CHUNK`` values at most."""
+    rows = max(1, WINDOW_CHUNK // span)
+    return [(start, min(rows, count - start)) for start in range(0, count, rows)]
+
+
+def _fold_windows(per_window: Tensor, index: Tensor, stride: int, size: int, out: Tensor | None) -> Tensor:
+    """Add row ``n`` of ``per_window`` (``(N, span)``) at ``index[n] * stride`` of a ``size``-long gradient.
+
+    The gradient is viewed as rows of ``stride`` values, so window ``w``'s values ``[c * stride,
+    (c + 1) * stride)`` land in row ``w + c``: one ``index_add_`` per ``c`` (about span / stride of
+    them), never the ``(windows, span)`` table the generic fold (``unfold_backward``) would fill.
+    ``c`` runs downwards, so each value receives its windows in ascending order, as that fold adds them.
+    """
+    span = per_window.shape[1]
+    if out is None:
+        out = per_window.new_zeros(-(-size // stride), stride)
+    for c in reversed(range(-(-span // stride))):
+        width = min(stride, span - c * stride)
+        out.narrow(1, 0, width).index_add_(0, index + c, per_window.narrow(1, c * stride, width))
+    return out
+
+
 class _WindowMix(torch.autograd.Function):
     """``out[n] = sum_k mix[n, k] * window(index[n])[k]``; backward gathers the windows again, so
-    autograd keeps the bank-sized source and the small mix, never the ``(N, K, m)`` windows."""
+    autograd keeps the bank-sized source and the small mix, never the ``(N, K, m)`` windows.
+    Forward and backward gather the windows of ``WINDOW_CHUNK`` values at a time, and the source's
+    gradient is folded straight into a bank-sized buffer (:func:`_fold_windows`), so neither pass
+    holds more than the bank and one chunk beyond its inputs and outputs: the embedding of
+    BERT-base, 15,261 SuperWeights of 4 x 1,536 values, took 1.3 GB in the unchunked backward."""
 
     @staticmethod
     def forward(ctx: Any, source: Tensor, mix: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
         count, k = mix.shape
         ctx.save_for_backward(source, mix, index)
         ctx.geometry = (span, stride)
-        chosen = _windows(source, index, span, stride).view(count, k, span // k)
-        return torch.bmm(mix.unsqueeze(1), chosen).squeeze(1)  # (N, 1, K) @ (N, K, m) -> (N, m)
+        out = source.new_empty(count, 1, span // k)
+        for start, rows in _row_chunks(count, span):
+            chosen = _windows(source, index.narrow(0, start, rows), span, stride).view(rows, k, span // k)
+            torch.bmm(mix.narrow(0, start, rows).unsqueeze(1), chosen, out=out.narrow(0, start, rows))
+        return out.squeeze(1)  # (N, m)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         source, mix, index = ctx.saved_tensors
         span, stride = ctx.geometry
         count, k = mix.shape
-        grad_source = grad_mix = None
-        if ctx.needs_input_grad[1]:
-            chosen = _windows(source, index, span, stride).view(count, k, span // k)
-            grad_mix = torch.bmm(chosen, grad.unsqueeze(2)).squeeze(2)  # (N, K, m) @ (N, m, 1) -> (N, K)
-        if ctx.needs_input_grad[0]:
-            per_window = (mix.unsqueeze(2) * grad.unsqueeze(1)).view(count, span)  # (N, K, m) -> (N, span)
-            windows = source.new_zeros((source.numel() - span) // stride + 1, span).index_add_(0, index, per_window)
-            grad_source = torch.ops.aten.unfold_backward(windows, list(source.shape), 0, span, stride)
+        mixes: list[Tensor] = []
+        folded = None
+        for start, rows in _row_chunks(count, span):
+            part, chunk, g = index.narrow(0, start, rows), mix.narrow(0, start, rows), grad.narrow(0, start, rows)
+            if ctx.needs_input_grad[1]:
+                chosen = _windows(source, part, span, stride).view(rows, k, span // k)
+                mixes.append(torch.bmm(chosen, g.unsqueeze(2)).squeeze(2))  # (n, K, m) @ (n, m, 1) -> (n, K)
+                del chosen
+            if ctx.needs_input_grad[0]:
+                per_window = (chunk.unsqueeze(2) * g.unsqueeze(1)).view(rows, span)  # (n, K, m) -> (n, span)
+                folded = _fold_windows(per_window, part, stride, source.numel(), folded)
+        grad_mix = torch.cat(mixes) if mixes else None
+        grad_source = None
+        if folded is not None:
+            grad_source = folded.view(-1).narrow(0, 0, source.numel()).view(source.shape)
         return grad_source, grad_mix, None, None, None
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from tqdm.auto import tqdm
 
 from ..budget import GeneratorConfig
@@ -115,8 +116,8 @@ def compile_search_model(
     if ctx.trace is None and ctx.graph_module is None:
         raise ValueError("a learned strategy needs the traced model in its context (`trace`).")
     traced = ctx.trace if ctx.trace is not None else TraceResult(ctx.graph_module)
-    traced = replace(traced, graph_module=copy.deepcopy(traced.graph_module), root=None)
     wanted = set(ctx.names)
+    traced = replace(traced, graph_module=_copy_sharing(traced.graph_module, wanted), root=None)
     gm = traced.graph_module
     others = [n for n, p in gm.named_parameters() if p.requires_grad and p.dim() >= 2 and n not in wanted]
     settings = BuildSettings(
@@ -135,6 +136,20 @@ def compile_search_model(
     return search, [position[n] for n in ctx.names]
 
 
+def _copy_sharing(gm: fx.GraphModule, generated: set[str]) -> fx.GraphModule:
+    """Deep copy of ``gm`` whose ``generated`` parameters share the original's storage.
+
+    The search model replaces those parameters by generators (they are only read, for their
+    shapes and scales, before they go), so copying them would only add the model's size to the
+    search's peak; everything else (kept parameters the search trains, buffers) is copied.
+    """
+    memo: dict[int, Any] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if name in generated and id(p) not in memo:  # a tied parameter: one new object for all its names
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    return copy.deepcopy(gm, memo)
+
+
 def weight_gradients(
     gm: fx.GraphModule, batches: Iterator, loss_fn: LossFn | None, num_batches: int, bar: tqdm | None = None
 ) -> list[Tensor]:
@@ -146,26 +161,32 @@ def weight_gradients(
     """
     generators = gm.npas.generators
     count = len(generators)
-    outputs: list[Tensor | None] = [None] * count
+    # Each generated weight is captured by its gradient edge, not the tensor: holding the tensors
+    # kept every weight alive until the end of the backward, beside all the gradients (twice the
+    # weights' size at the peak instead of about once).
+    edges: list[GradientEdge | None] = [None] * count
     sums: list[Tensor | None] = [None] * count
 
     def capture(i: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Tensor) -> None:
-            outputs[i] = output
+            edges[i] = get_gradient_edge(output) if output.requires_grad else None
 
         return hook
 
     handles = [generators[f"l{i}"].register_forward_hook(capture(i)) for i in range(count)]
     try:
         for batch in range(num_batches):
-            outputs[:] = [None] * count
+            edges[:] = [None] * count
             loss = batch_loss(gm, next(batches), loss_fn)
             check_finite(float(loss.detach()), f"gradient batch {batch + 1} of {num_batches}")
-            present = [i for i in range(count) if outputs[i] is not None and outputs[i].requires_grad]
-            grads = torch.autograd.grad(loss, [outputs[i] for i in present], allow_unused=True)
+            present = [i for i in range(count) if edges[i] is not None]
+            grads = torch.autograd.grad(loss, [edges[i] for i in present], allow_unused=True)
+            del loss
+            edges[:] = [None] * count
             for i, grad in zip(present, grads, strict=True):
                 if grad is not None:
                     sums[i] = grad.detach() if sums[i] is None else sums[i] + grad.detach()
+            del grads
             if bar is not None:
                 bar.update(1)
     finally:

@@ -176,4 +176,7 @@ def pretrain(
             losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
+    # torch.optim keeps the optimiser in a reference cycle (a frame of its __init__): free its
+    # moments (twice the trained parameters) now, not at the next garbage collection.
+    optimizer.state.clear()
     return losses

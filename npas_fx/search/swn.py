@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -120,25 +121,78 @@ def with_weights(gradient: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([g, w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)], dim=-1)
 
 
+def _gradient_similarity(
+    ctx: StrategyContext,
+    config: GeneratorConfig,
+    bins: list[list[int]],
+    opts: SearchOptions,
+    steps: int,
+    batches: object,
+    bar: object,
+) -> tuple[torch.Tensor, list[float]]:
+    """Steps 1-3: pre-train the search model, sum each layer's weight gradient, compare them.
+
+    Returns the similarity matrix and the losses; the search model and the gradients (the
+    model's size) go on return, before the refinement builds its own model.
+    """
+    options = {"groups": _names(bins, list(ctx.names))}
+    search, index = compile_search_model(ctx, ctx.budget, "superweight", generators=config, options=options)
+    losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
+    grads: list[torch.Tensor | None] = list(weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar))
+    compared = []
+    for j in index:  # each gradient leaves `grads` as it joins `compared`: one copy of them at a time
+        grad, grads[j] = grads[j], None
+        if opts.concat_weights:
+            with torch.no_grad():
+                grad = with_weights(grad, search.npas.generate(j))
+        compared.append(grad)
+    del search, grads
+    return binned_similarity(compared, bins), losses
+
+
 def _names(groups: list[list[int]], names: list[str]) -> list[list[str]]:
     return [[names[i] for i in g] for g in groups]
 
 
-def _coefficient_gradients(search: torch.nn.Module, index: list[int], weight_grads: list[torch.Tensor]) -> dict:
-    """Per layer with coefficients: its share of its set's coefficient gradient, as a (rows, cols, K) grid."""
+def _coefficient_gradients(search: torch.nn.Module, index: list[int], weight_grads: list[torch.Tensor | None]) -> dict:
+    """Per layer with coefficients: its share of its set's coefficient gradient, as a (rows, cols, K) grid.
+
+    Consumes ``weight_grads`` (each entry is dropped once used). The bank enters detached: only
+    the coefficients' gradient is wanted, and the bank's would cost a bank-sized fold per layer.
+    """
     out = {}
     for i, j in enumerate(index):
         generator = search.npas.generators[f"l{j}"]
+        weight_grad, weight_grads[j] = weight_grads[j], None
         if generator.templates < 2:
             continue
         group = search.npas.groups[f"g{search.npas.layer_groups[j]}"]
         bank, coefficients = (getattr(group, name) for name in generator.group_inputs)
         with torch.enable_grad():
-            weight = generator(bank, coefficients)
-            (grad,) = torch.autograd.grad(weight, coefficients, grad_outputs=weight_grads[j].to(weight.dtype))
+            weight = generator(bank.detach(), coefficients)
+            (grad,) = torch.autograd.grad(weight, coefficients, grad_outputs=weight_grad.to(weight.dtype))
+        del weight, weight_grad
         rows, cols = generator.grid
         out[i] = grad.index_select(0, generator.coefficient_rows).reshape(rows, cols, generator.templates)
     return out
+
+
+def _hard_shared_gradients(
+    ctx: StrategyContext,
+    groups: list[list[int]],
+    config: GeneratorConfig,
+    opts: SearchOptions,
+    steps: int,
+    batches: object,
+    bar: object,
+) -> tuple[dict, list[float]]:
+    """Pre-train the hard-shared model of ``groups``; per layer, its coefficient gradient (see
+    :func:`_coefficient_gradients`), and the losses. The model and its weight gradients go on return."""
+    options = {"groups": _names(groups, list(ctx.names)), "hard": True}
+    search, index = compile_search_model(ctx, ctx.budget, "superweight", generators=config, options=options)
+    losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
+    grads: list[torch.Tensor | None] = list(weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar))
+    return _coefficient_gradients(search, index, grads), losses
 
 
 def _refine(
@@ -159,11 +213,8 @@ def _refine(
     if steps == 0 or not candidates:
         record["skipped"] = "refine_steps is 0" if steps == 0 else "no group of 2+ layers mixes 2+ templates"
         return hard, record
-    options = {"groups": _names(groups, list(ctx.names)), "hard": True}
-    search, index = compile_search_model(ctx, ctx.budget, "superweight", generators=config, options=options)
-    losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
-    grads = weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar)
-    per_layer = _coefficient_gradients(search, index, grads)
+    per_layer, losses = _hard_shared_gradients(ctx, groups, config, opts, steps, batches, bar)
+    gc.collect()  # free the hard-shared model (reference cycles) before the similarities
     agreement = torch.full((count, count), float("nan"), dtype=torch.float64)
     shares = list(hard)
     for g in candidates:
@@ -221,16 +272,8 @@ def share_by_gradient_similarity(ctx: StrategyContext) -> Grouping:
     with torch.random.fork_rng(devices=[]), progress_bar(total, "npas_fx swn search", opts.progress) as bar:
         torch.manual_seed(ctx.seed)
         batches = cycle_batches(ctx.data)
-        search, index = compile_search_model(
-            ctx, ctx.budget, "superweight", generators=config, options={"groups": _names(bins, names)}
-        )
-        losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
-        grads = weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar)
-        compared = [grads[j] for j in index]
-        if opts.concat_weights:
-            with torch.no_grad():
-                compared = [with_weights(g, search.npas.generate(j)) for g, j in zip(compared, index, strict=True)]
-        similarity = binned_similarity(compared, bins)
+        similarity, losses = _gradient_similarity(ctx, config, bins, opts, steps, batches, bar)
+        gc.collect()  # the search model (an fx graph owns its module) and its optimiser live in reference cycles
         groups, threshold, alloc = fit_threshold(
             similarity, bins, allocation, opts.threshold, opts.threshold_step, ctx.num_groups
         )
