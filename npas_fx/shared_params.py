@@ -22,7 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, SignedRepeat, TemplateMix, WeightGenerator
+from .generators import (
+    EmbeddingMix,
+    Hash,
+    Interpolate,
+    Mask,
+    Repeat,
+    SignedRepeat,
+    TemplateMix,
+    WeightGenerator,
+    _signed_gain_,
+)
 from .plan import GroupPlan, LayerPlan
 from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
@@ -183,13 +193,18 @@ def _hash_sample(generator: Hash, bank: Tensor, step: int) -> Tensor:
     size, chunk = bank.numel(), generator.chunk
     slots = -(-size // chunk)
     position = torch.arange(0, generator.numel, step, device=bank.device)
-    row = generator.rows.index_select(0, position // chunk).long()
+    block = torch.div(position, chunk, rounding_mode="floor")
+    row = generator.rows.index_select(0, block).long()
     negative = row >= slots
-    slot = torch.where(negative, row - slots, row)
-    values = bank.index_select(0, torch.remainder(slot * chunk + position % chunk, size))  # slots wrap around
-    if generator.gain != 1.0:
-        values = values * generator.gain
-    return values * negative.to(values.dtype).mul_(-2).add_(1)
+    # slot * chunk + (position - block * chunk), with the sign's slot offset taken off; below 2 * size
+    index = row.sub_(negative.long().mul_(slots)).mul_(chunk).sub_(block.mul_(chunk)).add_(position)
+    if chunk <= size:  # the last slot wraps to the bank's start once
+        index.sub_((index >= size).long().mul_(size))
+    else:
+        index = torch.remainder(index, size)
+    values = bank.index_select(0, index)
+    _signed_gain_(values, negative, generator.gain)
+    return values
 
 
 def wide_std(tensor: Tensor, limit: int | None = None) -> float:
