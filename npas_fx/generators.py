@@ -407,7 +407,7 @@ def _signed_gain_(values: Tensor, negative: Tensor, gain: float) -> None:
     """
     shape = (-1,) + (1,) * (values.dim() - 1)
     if values.dtype in (torch.float32, torch.float64):
-        factor = values.new_tensor([gain, -gain]).index_select(0, negative.long())
+        factor = torch.where(negative, values.new_tensor(-gain), values.new_tensor(gain))
         values.mul_(factor.view(shape))
         return
     if gain != 1.0:

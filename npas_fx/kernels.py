@@ -65,16 +65,29 @@ _SIGN_SALT = 0x68E31DA4
 
 
 def _mix32_(x: Tensor, scratch: Tensor) -> Tensor:
-    """lowbias32 of the low 32 bits of ``x`` (int64), in place; ``scratch``: a tensor like ``x``.
+    """lowbias32, in place, of int64 ``x``'s low 32 bits, or of int32 ``x``'s bits (its result's bits).
 
-    No temporaries: hashing ``n`` positions is a few passes over ``n`` integers (a layer hashes a
-    whole round of its bank's slots, see :func:`hash_rows`; fresh tensors cost page faults).
+    ``scratch``: a tensor like ``x``. No temporaries: hashing ``n`` positions is a few passes over
+    ``n`` integers (a layer hashes a whole round of its bank's slots, see :func:`hash_rows`; fresh
+    tensors cost page faults). int32 halves the traffic: its right shifts are masked to be logical,
+    and its products wrap modulo ``2**32`` as the int64 ones do past ``2**63`` (``_HASH_MUL_2``).
     """
+    if x.dtype == torch.int32:
+        for shift, multiplier in ((16, _HASH_MUL_1), (15, _HASH_MUL_2)):
+            x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch).bitwise_and_((1 << (32 - shift)) - 1))
+            x.mul_(_int32(multiplier))
+        return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch).bitwise_and_(0xFFFF))
     x.bitwise_and_(_MASK32)
     for shift, multiplier in ((16, _HASH_MUL_1), (15, _HASH_MUL_2)):
         x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
         x.mul_(multiplier).bitwise_and_(_MASK32)
     return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
+
+
+def _int32(value: int) -> int:
+    """The int32 with the same low 32 bits as ``value``."""
+    value &= _MASK32
+    return value - 2**32 if value >= 2**31 else value
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -409,7 +422,10 @@ def _smallest_hashed(start: int, count: int, offset: int, k: int, device: torch.
     (raised until at least ``k`` are in) and sort them, never a tensor of all ``count`` keys.
     """
     piece = min(_PIECE, count)
-    part = torch.empty(piece, device=device, dtype=torch.int64)
+    # int32 positions when they fit; their keys are the hashes' bits with the top bit flipped, so
+    # that int32 order is the order of the unsigned hashes.
+    narrow = start + count < 2**31
+    part = torch.empty(piece, device=device, dtype=torch.int32 if narrow else torch.int64)
     scratch = torch.empty_like(part)
     want = k + 4 * math.isqrt(k) + 64
     while True:
@@ -417,9 +433,14 @@ def _smallest_hashed(start: int, count: int, offset: int, k: int, device: torch.
         found, keys = [], []
         for first in range(0, count, piece):
             size = min(piece, count - first)
-            x = torch.arange(start + first, start + first + size, out=part.narrow(0, 0, size)).add_(offset)
-            _mix32_(x, scratch.narrow(0, 0, size))
-            index = torch.nonzero(x < threshold).view(-1)
+            x = torch.arange(start + first, start + first + size, out=part.narrow(0, 0, size))
+            x = _mix32_(x.add_(_int32(offset) if narrow else offset), scratch.narrow(0, 0, size))
+            if narrow:
+                x.bitwise_xor_(-(2**31))  # h - 2**31
+            if threshold >= 2**32:  # every hash is below it
+                index = torch.arange(size, device=x.device)
+            else:
+                index = torch.nonzero(x < threshold - (2**31 if narrow else 0)).view(-1)
             keys.append(x.index_select(0, index))
             found.append(index.add_(first))
         picked = torch.cat(found)

@@ -192,14 +192,17 @@ def _hash_sample(generator: Hash, bank: Tensor, step: int) -> Tensor:
     """Every ``step``-th value of a hash generator's weight (see :func:`~npas_fx.kernels.hash_rows`)."""
     size, chunk = bank.numel(), generator.chunk
     slots = -(-size // chunk)
-    position = torch.arange(0, generator.numel, step, device=bank.device)
+    # Positions and bank indices in int32 when they fit (as the rows buffer does): half the traffic.
+    small = generator.numel < 2**31 and size + 2 * chunk < 2**31
+    dtype = torch.int32 if small else torch.int64
+    position = torch.arange(0, generator.numel, step, device=bank.device, dtype=dtype)
     block = torch.div(position, chunk, rounding_mode="floor")
-    row = generator.rows.index_select(0, block).long()
+    row = generator.rows.index_select(0, block).to(dtype)
     negative = row >= slots
-    # slot * chunk + (position - block * chunk), with the sign's slot offset taken off; below 2 * size
-    index = row.sub_(negative.long().mul_(slots)).mul_(chunk).sub_(block.mul_(chunk)).add_(position)
+    # slot * chunk + (position - block * chunk), with the sign's slot offset taken off; below size + chunk
+    index = row.sub_(negative.to(dtype), alpha=slots).mul_(chunk).add_(position.sub_(block, alpha=chunk))
     if chunk <= size:  # the last slot wraps to the bank's start once
-        index.sub_((index >= size).long().mul_(size))
+        index.sub_((index >= size).to(dtype), alpha=size)
     else:
         index = torch.remainder(index, size)
     values = bank.index_select(0, index)
