@@ -2,13 +2,18 @@
 
 Each case runs in a fresh subprocess: compile a very small BERT once (a warm-up: the first compile
 loads code lazily), build a ``BertForMaskedLM`` from a random config (no download), read the
-resident set size, reset the peak, compile at budget 0.1 with
-``example_inputs``, and report the wall time and the peak resident set size above the built
-model, also as a multiple of the model's own parameter bytes. Cases run one at a time (the
-machine is shared); the table is printed and ``docs/scale.png`` plots both against parameters.
+resident set size, reset the peak, compile at budget 0.1 with ``example_inputs``, and report the
+wall time, the process's CPU time (one thread: the wall time less waits for a busy machine's
+cores) and the peak resident set size above the built model, also as a multiple of the model's
+own parameter bytes. Cases run one at a time (the machine is shared); the table is printed and
+``docs/scale.png`` plots time and memory against parameters.
+
+Strategies: ``shape``, ``single`` (what ``strategy="auto"``, the default, picks below the model's
+size) and ``hash``. The parent prints the load average: times depend on what else runs.
 
 Run: ``python benchmarks/scale.py`` (``--quick`` for the two smallest sizes; ``--sizes large``
-for one size alone; ``--no-plot`` to leave the picture as it is).
+for one size alone; ``--strategies hash`` for one strategy; ``--no-plot`` to leave the picture
+as it is).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ SIZES = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
-STRATEGIES = ("shape", "hash")
+STRATEGIES = ("shape", "single", "hash")
 BUDGET = 0.1
 
 
@@ -72,12 +77,20 @@ def measure(size: str, strategy: str) -> dict:
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     base = rss_mib()
     reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     gm = npas_fx.compile(model, BUDGET, strategy=strategy, example_inputs={"input_ids": tokens})
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = peak_rss_mib() - base
     assert npas_fx.count_parameters(gm) == round(BUDGET * params)
-    return {"size": size, "strategy": strategy, "params": params, "model_mib": model_mib, "s": seconds, "peak": peak}
+    return {
+        "size": size,
+        "strategy": strategy,
+        "params": params,
+        "model_mib": model_mib,
+        "s": seconds,
+        "cpu": cpu,
+        "peak": peak,
+    }
 
 
 def run_case(size: str, strategy: str) -> dict:
@@ -95,7 +108,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for strategy in STRATEGIES:
+    for strategy in sorted({r["strategy"] for r in results}, key=STRATEGIES.index):
         rows = sorted((r for r in results if r["strategy"] == strategy), key=lambda r: r["params"])
         millions = [r["params"] / 1e6 for r in rows]
         left.plot(millions, [r["s"] for r in rows], "o-", label=strategy)
@@ -115,6 +128,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--quick", action="store_true", help="the two smallest sizes only")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "STRATEGY"), help=argparse.SUPPRESS)
@@ -126,16 +140,16 @@ def main() -> None:
     print(f"torch {torch.__version__}; BertForMaskedLM, random config; budget {BUDGET}; one process per case")
     # Times depend on what else runs (memory does not): say how busy the machine was.
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
-    header = f"{'size':<7} {'hidden':>6} {'layers':>6} {'params':>12} {'strategy':<8} {'compile s':>9} "
+    header = f"{'size':<7} {'hidden':>6} {'layers':>6} {'params':>12} {'strategy':<8} {'compile s':>9} {'cpu s':>6} "
     print(header + f"{'peak MiB':>9} {'x model':>7}")
     results = []
     for size in sizes:
-        for strategy in STRATEGIES:
+        for strategy in args.strategies:
             r = run_case(size, strategy)
             results.append(r)
             hidden, layers, _ = SIZES[size]
             print(
-                f"{size:<7} {hidden:>6} {layers:>6} {r['params']:>12,} {strategy:<8} {r['s']:>9.2f} "
+                f"{size:<7} {hidden:>6} {layers:>6} {r['params']:>12,} {strategy:<8} {r['s']:>9.2f} {r['cpu']:>6.2f} "
                 f"{r['peak']:>9.0f} {r['peak'] / r['model_mib']:>7.2f}",
                 flush=True,
             )

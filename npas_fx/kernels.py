@@ -64,13 +64,36 @@ _SALT_MUL = 0x9E3779B1
 _SIGN_SALT = 0x68E31DA4
 
 
+def _mix32_(x: Tensor, scratch: Tensor) -> Tensor:
+    """lowbias32, in place, of int64 ``x``'s low 32 bits, or of int32 ``x``'s bits (its result's bits).
+
+    ``scratch``: a tensor like ``x``. No temporaries: hashing ``n`` positions is a few passes over
+    ``n`` integers (a layer hashes a whole round of its bank's slots, see :func:`hash_rows`; fresh
+    tensors cost page faults). int32 halves the traffic: its right shifts are masked to be logical,
+    and its products wrap modulo ``2**32`` as the int64 ones do past ``2**63`` (``_HASH_MUL_2``).
+    """
+    if x.dtype == torch.int32:
+        for shift, multiplier in ((16, _HASH_MUL_1), (15, _HASH_MUL_2)):
+            x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch).bitwise_and_((1 << (32 - shift)) - 1))
+            x.mul_(_int32(multiplier))
+        return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch).bitwise_and_(0xFFFF))
+    x.bitwise_and_(_MASK32)
+    for shift, multiplier in ((16, _HASH_MUL_1), (15, _HASH_MUL_2)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
+        x.mul_(multiplier).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
+
+
+def _int32(value: int) -> int:
+    """The int32 with the same low 32 bits as ``value``."""
+    value &= _MASK32
+    return value - 2**32 if value >= 2**31 else value
+
+
 def _mix32(x: Tensor) -> Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL_1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _HASH_MUL_2) & _MASK32
-    return x ^ (x >> 16)
+    """lowbias32 of the low 32 bits of ``x`` (int64), in a new tensor."""
+    x = x.clone()
+    return _mix32_(x, torch.empty_like(x))
 
 
 def _extend(bank: Tensor, length: int) -> Tensor:
@@ -386,20 +409,48 @@ def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: floa
     return _HashBlocks.apply(bank, rows, numel, chunk, float(gain))
 
 
-def _smallest(keys: Tensor, k: int) -> Tensor:
-    """``argsort(keys)[:k]`` for distinct keys in ``[0, 2**32)``, without sorting all of them.
+def _position_hashes(start: int, count: int, offset: int, device: torch.device | None) -> Tensor:
+    """``mix32(b + offset)`` for positions ``b`` in ``[start, start + count)`` (int64)."""
+    # (b + S) & M == (b + (S & M)) & M: the caller masks the salt's product, keeping sums below 2**63.
+    x = torch.arange(start, start + count, device=device, dtype=torch.int64).add_(offset)
+    return _mix32_(x, torch.empty_like(x))
 
-    Hash values are spread evenly, so about ``k`` of them lie below ``k / n * 2**32``: sort only
-    those below a threshold a little above it (raised until at least ``k`` are in).
+
+_PIECE = 1 << 16  # positions hashed at a time when selecting: two int64 buffers stay in the L2 cache
+
+
+def _smallest_hashed(start: int, count: int, offset: int, k: int, device: torch.device | None) -> Tensor:
+    """``argsort(_position_hashes(start, count, offset))[:k]`` for ``k < count / 2``, hashing in pieces.
+
+    Hash values are distinct (a bijection of distinct positions) and spread evenly, so about ``k``
+    of them lie below ``k / count * 2**32``: keep only those below a threshold a little above it
+    (raised until at least ``k`` are in) and sort them, never a tensor of all ``count`` keys.
     """
-    n = keys.numel()
-    if 8 * k >= n or keys.is_meta:  # meta tensors (plan checks) have no values to select by
-        return torch.argsort(keys).narrow(0, 0, k)
+    piece = min(_PIECE, count)
+    # int32 positions when they fit; their keys are the hashes' bits with the top bit flipped, so
+    # that int32 order is the order of the unsigned hashes.
+    narrow = start + count < 2**31
+    part = torch.empty(piece, device=device, dtype=torch.int32 if narrow else torch.int64)
+    scratch = torch.empty_like(part)
     want = k + 4 * math.isqrt(k) + 64
     while True:
-        picked = torch.nonzero(keys < min(2**32, -(-want * 2**32 // n))).view(-1)
+        threshold = min(2**32, -(-want * 2**32 // count))
+        found, keys = [], []
+        for first in range(0, count, piece):
+            size = min(piece, count - first)
+            x = torch.arange(start + first, start + first + size, out=part.narrow(0, 0, size))
+            x = _mix32_(x.add_(_int32(offset) if narrow else offset), scratch.narrow(0, 0, size))
+            if narrow:
+                x.bitwise_xor_(-(2**31))  # h - 2**31
+            if threshold >= 2**32:  # every hash is below it
+                index = torch.arange(size, device=x.device)
+            else:
+                index = torch.nonzero(x < threshold - (2**31 if narrow else 0)).view(-1)
+            keys.append(x.index_select(0, index))
+            found.append(index.add_(first))
+        picked = torch.cat(found)
         if picked.numel() >= k:
-            return picked.index_select(0, torch.argsort(keys.index_select(0, picked)).narrow(0, 0, k))
+            return picked.index_select(0, torch.argsort(torch.cat(keys)).narrow(0, 0, k))
         want *= 2
 
 
@@ -423,15 +474,21 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
     slots = slot_count(size, chunk)
     blocks = -(-numel // chunk)
     rounds = -(-blocks // slots)
-    position = torch.arange(rounds * slots if chunk > 1 else blocks, device=device, dtype=torch.int64)
-    # (b + S) & M == (b + (S & M)) & M: masking the salt's product first keeps it below 2**63.
-    h = _mix32(position + ((salt * _SALT_MUL) & _MASK32))
+    offset = (salt * _SALT_MUL) & _MASK32
+    h = _position_hashes(0, blocks, offset, device)  # block b's hash: its sign, and its key in its round
     if chunk == 1:
         slot = torch.remainder(h, size)
     else:
-        keys = h.view(rounds, slots)  # a layer smaller than the bank needs the start of one round only
-        order = [torch.argsort(keys[:-1], dim=1).view(-1)] if rounds > 1 else []
-        slot = torch.cat([*order, _smallest(keys[-1], blocks - (rounds - 1) * slots)])
+        # A round's blocks take its slots in the order of the round's keys: the last round needs every
+        # key of the round (``slots`` of them), also when the layer has fewer blocks than that.
+        full, k = (rounds - 1) * slots, blocks - (rounds - 1) * slots  # blocks in whole rounds; in the last
+        order = [torch.argsort(h.narrow(0, 0, full).view(rounds - 1, slots), dim=1).view(-1)] if rounds > 1 else []
+        if 2 * k >= slots or h.is_meta:  # meta tensors (plan checks) have no values to select by
+            keys = torch.cat([h.narrow(0, full, k), _position_hashes(blocks, slots - k, offset, device)])
+            last = torch.argsort(keys).narrow(0, 0, k)
+        else:  # a layer smaller than half the bank: select its keys without sorting the round
+            last = _smallest_hashed(full, slots, offset, k, device)
+        slot = torch.cat([*order, last])
         if numel % chunk and slots > 1:  # the partial last block swaps slots with the shortest one
             first = (blocks - 1) // slots * slots
             last_round = slot.narrow(0, first, blocks - first)
@@ -439,9 +496,8 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
             slot = torch.cat(
                 [slot.narrow(0, 0, first), swapped.narrow(0, 0, blocks - first - 1), slot.new_full((1,), slots - 1)]
             )
-        h = h.narrow(0, 0, blocks)
-    negative = 1 - (_mix32(h + _SIGN_SALT) & 1)
-    rows = slot + slots * negative
+    # row = slot + slots * negative, negative = 1 - (bit 0 of the sign hash)
+    rows = _mix32_(h.add_(_SIGN_SALT), torch.empty_like(h)).bitwise_and_(1).neg_().add_(1).mul_(slots).add_(slot)
     return rows.to(torch.int32) if 2 * slots < 2**31 else rows
 
 

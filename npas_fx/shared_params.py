@@ -22,7 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .generators import EmbeddingMix, Hash, Interpolate, Mask, Repeat, SignedRepeat, TemplateMix, WeightGenerator
+from .generators import (
+    EmbeddingMix,
+    Hash,
+    Interpolate,
+    Mask,
+    Repeat,
+    SignedRepeat,
+    TemplateMix,
+    WeightGenerator,
+    _signed_gain_,
+)
 from .plan import GroupPlan, LayerPlan
 from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
@@ -182,14 +192,22 @@ def _hash_sample(generator: Hash, bank: Tensor, step: int) -> Tensor:
     """Every ``step``-th value of a hash generator's weight (see :func:`~npas_fx.kernels.hash_rows`)."""
     size, chunk = bank.numel(), generator.chunk
     slots = -(-size // chunk)
-    position = torch.arange(0, generator.numel, step, device=bank.device)
-    row = generator.rows.index_select(0, position // chunk).long()
+    # Positions and bank indices in int32 when they fit (as the rows buffer does): half the traffic.
+    small = generator.numel < 2**31 and size + 2 * chunk < 2**31
+    dtype = torch.int32 if small else torch.int64
+    position = torch.arange(0, generator.numel, step, device=bank.device, dtype=dtype)
+    block = torch.div(position, chunk, rounding_mode="floor")
+    row = generator.rows.index_select(0, block).to(dtype)
     negative = row >= slots
-    slot = torch.where(negative, row - slots, row)
-    values = bank.index_select(0, torch.remainder(slot * chunk + position % chunk, size))  # slots wrap around
-    if generator.gain != 1.0:
-        values = values * generator.gain
-    return values * negative.to(values.dtype).mul_(-2).add_(1)
+    # slot * chunk + (position - block * chunk), with the sign's slot offset taken off; below size + chunk
+    index = row.sub_(negative.to(dtype), alpha=slots).mul_(chunk).add_(position.sub_(block, alpha=chunk))
+    if chunk <= size:  # the last slot wraps to the bank's start once
+        index.sub_((index >= size).to(dtype), alpha=size)
+    else:
+        index = torch.remainder(index, size)
+    values = bank.index_select(0, index)
+    _signed_gain_(values, negative, generator.gain)
+    return values
 
 
 def wide_std(tensor: Tensor, limit: int | None = None) -> float:
