@@ -65,7 +65,7 @@ _SIGN_SALT = 0x68E31DA4
 
 
 def _mix32_(x: Tensor, scratch: Tensor) -> Tensor:
-    """lowbias32, in place, of int64 ``x``'s low 32 bits, or of int32 ``x``'s bits (its result's bits).
+    """lowbias32, in place, of int64 ``x``'s low 32 bits (int64 result) or of int32 ``x``'s bits (int32 bits).
 
     ``scratch``: a tensor like ``x``. No temporaries: hashing ``n`` positions is a few passes over
     ``n`` integers (a layer hashes a whole round of its bank's slots, see :func:`hash_rows`; fresh
@@ -416,7 +416,7 @@ def _position_hashes(start: int, count: int, offset: int, device: torch.device |
     return _mix32_(x, torch.empty_like(x))
 
 
-_PIECE = 1 << 16  # positions hashed at a time when selecting: two int64 buffers stay in the L2 cache
+_PIECE = 1 << 16  # positions hashed at a time when selecting: the two buffers stay in the L2 cache
 
 
 def _smallest_hashed(start: int, count: int, offset: int, k: int, device: torch.device | None) -> Tensor:
