@@ -507,15 +507,19 @@ def hash_rows(numel: int, chunk: int, salt: int, bank_size: int, device: torch.d
 # later weight-sized tensor to a heap that keeps its freed blocks (swn on BERT-base: 2.5 GB peak
 # above the model with 16 MiB chunks, 1.4 GB with 1 MiB ones; benchmarks/search_memory.py).
 WINDOW_CHUNK = 2**18
+# On an accelerator (a caching allocator, no glibc heap) chunks are larger: each costs about
+# span / stride + 3 kernel launches, and 1 MiB chunks would make a BERT-base embedding thousands.
+WINDOW_CHUNK_ACCELERATOR = 2**24
 
 
 def _windows(source: Tensor, index: Tensor, span: int, stride: int) -> Tensor:
     return source.unfold(0, span, stride).index_select(0, index)  # (N, span)
 
 
-def _row_chunks(count: int, span: int) -> list[tuple[int, int]]:
-    """``(start, length)`` runs of SuperWeights whose gathered windows hold ``WINDOW_CHUNK`` values at most."""
-    rows = max(1, WINDOW_CHUNK // span)
+def _row_chunks(count: int, span: int, device: torch.device) -> list[tuple[int, int]]:
+    """``(start, length)`` runs of SuperWeights whose gathered windows hold ``WINDOW_CHUNK`` values at
+    most (``WINDOW_CHUNK_ACCELERATOR`` off the CPU)."""
+    rows = max(1, (WINDOW_CHUNK if device.type == "cpu" else WINDOW_CHUNK_ACCELERATOR) // span)
     return [(start, min(rows, count - start)) for start in range(0, count, rows)]
 
 
@@ -550,7 +554,7 @@ class _WindowMix(torch.autograd.Function):
         ctx.save_for_backward(source, mix, index)
         ctx.geometry = (span, stride)
         out = source.new_empty(count, 1, span // k)
-        for start, rows in _row_chunks(count, span):
+        for start, rows in _row_chunks(count, span, source.device):
             chosen = _windows(source, index.narrow(0, start, rows), span, stride).view(rows, k, span // k)
             torch.bmm(mix.narrow(0, start, rows).unsqueeze(1), chosen, out=out.narrow(0, start, rows))
         return out.squeeze(1)  # (N, m)
@@ -562,7 +566,7 @@ class _WindowMix(torch.autograd.Function):
         count, k = mix.shape
         mixes: list[Tensor] = []
         folded = None
-        for start, rows in _row_chunks(count, span):
+        for start, rows in _row_chunks(count, span, source.device):
             part, chunk, g = index.narrow(0, start, rows), mix.narrow(0, start, rows), grad.narrow(0, start, rows)
             if ctx.needs_input_grad[1]:
                 chosen = _windows(source, part, span, stride).view(rows, k, span // k)
