@@ -121,6 +121,26 @@ def with_weights(gradient: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([g, w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)], dim=-1)
 
 
+def _pretrained_gradients(
+    ctx: StrategyContext,
+    options: dict,
+    config: GeneratorConfig,
+    opts: SearchOptions,
+    steps: int,
+    batches: object,
+    bar: object,
+) -> tuple[torch.nn.Module, list[int], list[torch.Tensor | None], list[float]]:
+    """A SuperWeight search model of ``options``, pre-trained; its layers' summed weight gradients.
+
+    Returns the model, each layer's index in it, the gradients (a list the caller may empty as it
+    goes) and the pre-training losses.
+    """
+    search, index = compile_search_model(ctx, ctx.budget, "superweight", generators=config, options=options)
+    losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
+    grads: list[torch.Tensor | None] = list(weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar))
+    return search, index, grads, losses
+
+
 def _gradient_similarity(
     ctx: StrategyContext,
     config: GeneratorConfig,
@@ -136,9 +156,7 @@ def _gradient_similarity(
     model's size) go on return, before the refinement builds its own model.
     """
     options = {"groups": _names(bins, list(ctx.names))}
-    search, index = compile_search_model(ctx, ctx.budget, "superweight", generators=config, options=options)
-    losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
-    grads: list[torch.Tensor | None] = list(weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar))
+    search, index, grads, losses = _pretrained_gradients(ctx, options, config, opts, steps, batches, bar)
     compared = []
     for j in index:  # each gradient leaves `grads` as it joins `compared`: one copy of them at a time
         grad, grads[j] = grads[j], None
@@ -189,9 +207,7 @@ def _hard_shared_gradients(
     """Pre-train the hard-shared model of ``groups``; per layer, its coefficient gradient (see
     :func:`_coefficient_gradients`), and the losses. The model and its weight gradients go on return."""
     options = {"groups": _names(groups, list(ctx.names)), "hard": True}
-    search, index = compile_search_model(ctx, ctx.budget, "superweight", generators=config, options=options)
-    losses = pretrain(search, batches, ctx.loss_fn, steps, ctx.seed, opts.lr, bar)
-    grads: list[torch.Tensor | None] = list(weight_gradients(search, batches, ctx.loss_fn, opts.grad_batches, bar))
+    search, index, grads, losses = _pretrained_gradients(ctx, options, config, opts, steps, batches, bar)
     return _coefficient_gradients(search, index, grads), losses
 
 
