@@ -409,11 +409,17 @@ def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: floa
     return _HashBlocks.apply(bank, rows, numel, chunk, float(gain))
 
 
-def _position_hashes(start: int, count: int, offset: int, device: torch.device | None) -> Tensor:
-    """``mix32(b + offset)`` for positions ``b`` in ``[start, start + count)`` (int64)."""
+def _position_hashes(
+    start: int, count: int, offset: int, device: torch.device | None, out: Tensor | None = None
+) -> Tensor:
+    """``mix32(b + offset)`` for positions ``b`` in ``[start, start + count)``: int64, or the bits in
+    int32 when written into the int32 ``out`` (``count`` values; a scratch of its size is taken)."""
     # (b + S) & M == (b + (S & M)) & M: the caller masks the salt's product, keeping sums below 2**63.
-    x = torch.arange(start, start + count, device=device, dtype=torch.int64).add_(offset)
-    return _mix32_(x, torch.empty_like(x))
+    if out is None:
+        x = torch.arange(start, start + count, device=device, dtype=torch.int64)
+    else:
+        x = torch.arange(start, start + count, out=out)
+    return _mix32_(x.add_(_int32(offset) if x.dtype == torch.int32 else offset), torch.empty_like(x))
 
 
 _PIECE = 1 << 16  # positions hashed at a time when selecting: the two buffers stay in the L2 cache
@@ -431,15 +437,13 @@ def _smallest_hashed(start: int, count: int, offset: int, k: int, device: torch.
     # that int32 order is the order of the unsigned hashes.
     narrow = start + count < 2**31
     part = torch.empty(piece, device=device, dtype=torch.int32 if narrow else torch.int64)
-    scratch = torch.empty_like(part)
     want = k + 4 * math.isqrt(k) + 64
     while True:
         threshold = min(2**32, -(-want * 2**32 // count))
         found, keys = [], []
         for first in range(0, count, piece):
             size = min(piece, count - first)
-            x = torch.arange(start + first, start + first + size, out=part.narrow(0, 0, size))
-            x = _mix32_(x.add_(_int32(offset) if narrow else offset), scratch.narrow(0, 0, size))
+            x = _position_hashes(start + first, size, offset, device, out=part.narrow(0, 0, size))
             if narrow:
                 x.bitwise_xor_(-(2**31))  # h - 2**31
             if threshold >= 2**32:  # every hash is below it
