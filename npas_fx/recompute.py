@@ -50,8 +50,9 @@ __all__ = ["set_recompute", "recompute_enabled", "RecomputeError", "AUTO_MIN_NUM
 
 # compile's default (``recompute=None`` below the model's size) regenerates only weights of at least
 # this many values (1 MiB in float32). Below it, regenerating costs mostly per-call overhead (a
-# 131K-value tiled weight: 250 us of eager CPU time, 10x its clone, benchmarks/overhead.py's CNN
-# step +0.18x) while keeping it costs under 1 MiB (that CNN's step peak: 0.69x -> 0.70x).
+# 100K-value `signed` weight: 11x its clone forward, benchmarks/generators.py; the CNN step of
+# benchmarks/overhead.py at 0.1: 1.26x with recompute, 1.08x without) while keeping it costs under
+# 1 MiB (that CNN's step peak: 0.78x -> 0.80x, benchmarks/memory.py). README, "Training-step overhead".
 AUTO_MIN_NUMEL = 1 << 18
 _MIN_NUMEL_ATTR = "_npas_recompute_min_numel"  # on the banks' module: survives deepcopy and pickling
 
