@@ -11,8 +11,10 @@ around the default all-reduce, are exactly 4 x budget (float32). Spawning costs 
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -92,8 +94,15 @@ def _rank(rank: int, port: int, mode: str, strategies: tuple[str, ...], out: str
         for strategy in strategies:  # one spawn for all strategies: starting processes is the slow part
             record = _train_rank(rank, mode, strategy)
             torch.save(record, Path(out) / f"{mode}-{strategy}-rank{rank}.pt")
+        dist.barrier()  # neither rank closes its connections while the other still uses them
     finally:
+        gc.collect()  # DDP's reducer holds the group in C++: free it before the group, not at exit
         dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's worker threads torn down there can abort the process
+    # ("terminate called without an active exception", pytorch/pytorch#179291) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train_rank(rank: int, mode: str, strategy: str) -> dict:
