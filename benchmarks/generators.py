@@ -23,6 +23,9 @@ ratio. The ``before`` columns time the formulas npas_fx used until this benchmar
 forward), kept below as reference implementations, in the same rounds. Targets: forward within 2x,
 backward within 3x.
 
+``--compile``: each case's forward through ``torch.compile`` (``fullgraph``; the ``before`` columns
+are then left out), the kernels as a compiled model runs them.
+
 Run: ``python benchmarks/generators.py`` (a few minutes on 1 CPU thread; ``--quick``: 10K and 100K,
 3 rounds; ``--device cuda`` on a GPU; ``--threads N``; ``--sizes 1M 4M`` and ``--only repeat mask`` pick rows;
 ``--clock cpu`` times process CPU time, less disturbed by other jobs on a shared machine).
@@ -188,11 +191,15 @@ def _clone_time(x: Tensor, inner: int, device: str) -> float:
 
 
 def measure(
-    shape: tuple[int, int], rounds: int, device: str, only: list[str] | None = None
+    shape: tuple[int, int], rounds: int, device: str, only: list[str] | None = None, compiled: bool = False
 ) -> dict[str, tuple[float, ...]]:
     """Median per-round ratios ``(fwd, bwd, bank clone, old fwd, old bwd)`` per case (NaN: no old
     formula; no bank clone where the bank is not larger than the weight)."""
     cases = {name: case for name, case in make_cases(shape, device).items() if not only or name in only}
+    if compiled:
+        for case in cases.values():
+            case.run = torch.compile(case.run, fullgraph=True)  # type: ignore[method-assign]
+            case.old = None
     x = torch.randn(math.prod(shape), device=device)
     inner = max(1, 1_000_000 // x.numel())  # small weights: time many calls per sample
     ratios: dict[str, list[tuple[float, ...]]] = {name: [] for name in cases}
@@ -221,14 +228,18 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=tuple(SHAPES), help="weight sizes to run (default: all)")
     parser.add_argument("--only", nargs="+", help="generator cases to run (default: all)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="timer (cpu: process CPU time)")
+    parser.add_argument("--compile", action="store_true", help="each case's forward through torch.compile")
     args = parser.parse_args()
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    # Every case compiles the same method (`Case.run`) for another generator: one entry each.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._functorch.config.donated_buffer = False  # backward is timed again on one graph (retain_graph)
     torch.set_num_threads(args.threads)
     sizes = args.sizes or (("10K", "100K") if args.quick else tuple(SHAPES))
     rounds = 3 if args.quick else args.rounds
     print(
         f"time / clone() of the weight, median of {rounds} interleaved rounds; {args.device}, {args.threads} thread(s), "
-        f"{args.clock} clock"
+        f"{args.clock} clock{', torch.compile' if args.compile else ''}"
     )
     head = (
         f"{'generator':<12} {'size':>5} {'fwd':>7} {'bwd':>7} {'bank clone':>11} {'fwd before':>11} {'bwd before':>11}"
@@ -236,7 +247,8 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for size in sizes:
-        for name, (fwd, bwd, bank, old_fwd, old_bwd) in measure(SHAPES[size], rounds, args.device, args.only).items():
+        rows = measure(SHAPES[size], rounds, args.device, args.only, args.compile)
+        for name, (fwd, bwd, bank, old_fwd, old_bwd) in rows.items():
             print(
                 f"{name:<12} {size:>5} {_fmt(fwd):>7} {_fmt(bwd):>7} {_fmt(bank):>11} {_fmt(old_fwd):>11} "
                 f"{_fmt(old_bwd):>11}"

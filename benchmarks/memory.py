@@ -53,16 +53,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import npas_fx  # noqa: E402
-from benchmarks.overhead import TinyTransformer, cnn_case, transformer_case  # noqa: E402
+from benchmarks.overhead import cnn_case, transformer_case, weight_dominated_case  # noqa: E402
 
 MB = 2**20
 _FORWARD = "npas_memory_forward"
-
-
-def weight_dominated_case(device: str) -> tuple[nn.Module, Tensor, Tensor]:
-    tokens = torch.randint(0, 512, (2, 16), device=device)
-    model = TinyTransformer(vocab=512, dim=512, heads=8, blocks=4).to(device)
-    return model, tokens, tokens.roll(-1, dims=1)
 
 
 CASES = {"cnn": cnn_case, "transformer": transformer_case, "transformer-w": weight_dominated_case}

@@ -13,7 +13,8 @@ no step with that optimizer state can be cheaper. ``eager, no recompute``: the e
 with ``recompute=False`` (on by default below the original's size), to show its share.
 
 Run: ``python benchmarks/overhead.py`` (add ``--quick`` for a smoke run, ``--device cuda`` on a GPU;
-``--models``, ``--budgets``, ``--modes`` pick rows).
+``--models``, ``--budgets``, ``--modes`` pick rows; ``--models transformer-w`` adds the memory benchmark's
+weight-dominated transformer; ``--strategy shape`` compiles with another strategy).
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def cnn_case(device: str) -> tuple[nn.Module, Tensor, Tensor]:
 def transformer_case(device: str) -> tuple[nn.Module, Tensor, Tensor]:
     tokens = torch.randint(0, 512, (16, 64), device=device)
     return TinyTransformer().to(device), tokens, tokens.roll(-1, dims=1)
+
+
+def weight_dominated_case(device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """A 4-block transformer of width 512 on a small batch (2 x 16 tokens): the weights dominate."""
+    tokens = torch.randint(0, 512, (2, 16), device=device)
+    model = TinyTransformer(vocab=512, dim=512, heads=8, blocks=4).to(device)
+    return model, tokens, tokens.roll(-1, dims=1)
 
 
 def make_step(model: nn.Module, x: Tensor, y: Tensor, use_compile: bool, extra: int = 0) -> Callable[[], None]:
@@ -128,7 +136,7 @@ def ratios(
     return out
 
 
-CASES = {"cnn": cnn_case, "transformer": transformer_case}
+CASES = {"cnn": cnn_case, "transformer": transformer_case, "transformer-w": weight_dominated_case}
 MODES = {"eager": (False, None), "eager-norecompute": (False, False), "compile": (True, None)}
 MODE_NAMES = {"eager": "eager", "eager-norecompute": "eager, no recomp", "compile": "torch.compile"}
 
@@ -137,7 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="few rounds, eager only (smoke test)")
-    parser.add_argument("--models", nargs="+", choices=tuple(CASES), default=list(CASES))
+    parser.add_argument("--models", nargs="+", choices=tuple(CASES), default=["cnn", "transformer"])
+    parser.add_argument("--strategy", default="auto", help="compile's strategy (default: its default, auto)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 1.0, 4.0])
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=["eager", "eager-norecompute", "compile"])
     parser.add_argument("--rounds", type=int, default=9)
@@ -150,10 +159,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rounds, repeats = (3, 2) if args.quick else (args.rounds, 5)
     modes = ["eager"] if args.quick else args.modes
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {args.clock} clock")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {args.clock} clock, "
+        f"strategy {args.strategy}"
+    )
     print("step = forward + backward + Adam; ratio = npas_fx step time / original step time (median, IQR);")
     print("floor = original step with Adam over the compiled model's parameter count (only above 1.0)\n")
-    head = f"{'model':<12} {'mode':<17} {'budget':>6} {'params':>10} {'ratio':>7} {'IQR':>6} {'floor':>7}"
+    head = f"{'model':<13} {'mode':<17} {'budget':>6} {'params':>10} {'ratio':>7} {'IQR':>6} {'floor':>7}"
     print(head)
     print("-" * len(head))
     for case_name in args.models:
@@ -163,7 +175,7 @@ def main() -> None:
             original = sum(p.numel() for p in model.parameters())
             base = make_step(model, x, y, use_compile)
             for budget in args.budgets:
-                gm = npas_fx.compile(model, budget, seed=0, recompute=recompute)
+                gm = npas_fx.compile(model, budget, strategy=args.strategy, seed=0, recompute=recompute)
                 count = npas_fx.count_parameters(gm)
                 steps = [make_step(gm, x, y, use_compile)]
                 if count > original:
@@ -171,7 +183,7 @@ def main() -> None:
                 results = ratios(base, steps, rounds, repeats, args.device)
                 (median, iqr), floor = results[0], (f"{results[1][0]:.2f}" if len(results) > 1 else "-")
                 print(
-                    f"{case_name:<12} {MODE_NAMES[mode]:<17} {budget:>6} {count:>10,} {median:>7.2f} {iqr:>6.2f} "
+                    f"{case_name:<13} {MODE_NAMES[mode]:<17} {budget:>6} {count:>10,} {median:>7.2f} {iqr:>6.2f} "
                     f"{floor:>7}",
                     flush=True,
                 )

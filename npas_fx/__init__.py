@@ -8,7 +8,7 @@ Example:
     (528, 528)
 """
 
-from . import search  # noqa: F401 - importing it registers the learned strategies "ssn" and "swn"
+from . import opaque_kernels, search  # noqa: F401 - registering the custom ops and the strategies "ssn", "swn"
 from .budget import GeneratorConfig
 from .compiler import compile, count_parameters, plan_of
 from .draw import draw_plan

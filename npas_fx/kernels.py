@@ -321,7 +321,15 @@ def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int, gain: float
         raise ValueError(f"`mask` of {mask.numel()} rows should divide the {numel} values.")
     if offset + numel <= size:  # no wrap: the tiles are a view, and the product the only write
         return _scaled_bank(bank, gain).narrow(0, offset, numel).view(mask.shape[0], -1).mul(mask.unsqueeze(1)).view(-1)
+    if use_opaque_tiles(bank):  # compiled for a CPU: the eager tiles, the product fused by inductor
+        tiles = torch.ops.npas_fx.skew_tile(bank, numel, offset, float(gain))
+        return tiles.view(mask.shape[0], -1).mul(mask.unsqueeze(1)).view(-1)
     return _MaskedTile.apply(bank, mask, numel, offset, float(gain))
+
+
+def use_opaque_tiles(bank: Tensor) -> bool:
+    """Whether to tile through the custom ops of :mod:`npas_fx.opaque_kernels`: compiling for a CPU."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and bank.device.type == "cpu"
 
 
 def _scaled_bank(bank: Tensor, gain: float) -> Tensor:
@@ -345,6 +353,8 @@ def skew_tile(bank: Tensor, numel: int, offset: int, gain: float = 1.0) -> Tenso
         raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
     if offset + numel <= size:
         return _scaled_bank(bank.narrow(0, offset, numel), gain)
+    if use_opaque_tiles(bank):
+        return torch.ops.npas_fx.skew_tile(bank, numel, offset, float(gain))
     return _SkewTile.apply(bank, numel, offset, float(gain))
 
 
