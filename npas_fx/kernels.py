@@ -321,14 +321,14 @@ def masked_tile(bank: Tensor, mask: Tensor, numel: int, offset: int, gain: float
         raise ValueError(f"`mask` of {mask.numel()} rows should divide the {numel} values.")
     if offset + numel <= size:  # no wrap: the tiles are a view, and the product the only write
         return _scaled_bank(bank, gain).narrow(0, offset, numel).view(mask.shape[0], -1).mul(mask.unsqueeze(1)).view(-1)
-    if use_opaque_tiles(bank):  # compiled for a CPU: the eager tiles, the product fused by inductor
+    if use_opaque_kernels(bank):  # compiled for a CPU: the eager tiles, the product fused by inductor
         tiles = torch.ops.npas_fx.skew_tile(bank, numel, offset, float(gain))
         return tiles.view(mask.shape[0], -1).mul(mask.unsqueeze(1)).view(-1)
     return _MaskedTile.apply(bank, mask, numel, offset, float(gain))
 
 
-def use_opaque_tiles(bank: Tensor) -> bool:
-    """Whether to tile through the custom ops of :mod:`npas_fx.opaque_kernels`: compiling for a CPU."""
+def use_opaque_kernels(bank: Tensor) -> bool:
+    """Whether to run the custom ops of :mod:`npas_fx.opaque_kernels`: compiling for a CPU, not exporting."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and bank.device.type == "cpu"
 
 
@@ -353,7 +353,7 @@ def skew_tile(bank: Tensor, numel: int, offset: int, gain: float = 1.0) -> Tenso
         raise ValueError(f"`offset` should be in [0, {size}) for a bank of {size} values, got {offset}.")
     if offset + numel <= size:
         return _scaled_bank(bank.narrow(0, offset, numel), gain)
-    if use_opaque_tiles(bank):
+    if use_opaque_kernels(bank):
         return torch.ops.npas_fx.skew_tile(bank, numel, offset, float(gain))
     return _SkewTile.apply(bank, numel, offset, float(gain))
 
@@ -382,22 +382,31 @@ class _HashBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (rows,) = ctx.saved_tensors
-        size, chunk, numel = ctx.shape
-        slots = slot_count(size, chunk)
-        table = grad.new_zeros(2 * slots, chunk)
-        full = numel // chunk
-        rows = rows.long()  # index_add_ takes twice as long with an int32 index (the stored one is int32)
-        if chunk == 1:  # one value per row: scatter_add_ measured 1.5x faster than index_add_ here
-            table.view(-1).scatter_add_(0, rows, grad)
-        elif full:  # scatter-add whole rows: one index per block, no index per weight
-            table.index_add_(0, rows.narrow(0, 0, full), grad.narrow(0, 0, full * chunk).view(full, chunk))
-        if chunk > 1 and numel > full * chunk:
-            last = torch.cat(
-                [grad.narrow(0, full * chunk, numel - full * chunk), grad.new_zeros((full + 1) * chunk - numel)]
-            )
-            table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
-        signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
-        return _scale(_fold(signed.view(-1), size), ctx.gain), None, None, None, None
+        size, chunk, _ = ctx.shape
+        if use_opaque_kernels(grad):  # inductor's scatter-add runs value by value: the eager one instead
+            bank_grad = torch.ops.npas_fx.hashed_blocks_backward(grad.contiguous(), rows, size, chunk, ctx.gain)
+            return bank_grad, None, None, None, None
+        return hashed_blocks_backward(grad, rows, size, chunk, ctx.gain), None, None, None, None
+
+
+def hashed_blocks_backward(grad: Tensor, rows: Tensor, size: int, chunk: int, gain: float) -> Tensor:
+    """The ``size``-value bank's gradient from the gradient of :func:`hashed_blocks`' output (a fresh tensor)."""
+    numel = grad.numel()
+    slots = slot_count(size, chunk)
+    table = grad.new_zeros(2 * slots, chunk)
+    full = numel // chunk
+    rows = rows.long()  # index_add_ takes twice as long with an int32 index (the stored one is int32)
+    if chunk == 1:  # one value per row: scatter_add_ measured 1.5x faster than index_add_ here
+        table.view(-1).scatter_add_(0, rows, grad)
+    elif full:  # scatter-add whole rows: one index per block, no index per weight
+        table.index_add_(0, rows.narrow(0, 0, full), grad.narrow(0, 0, full * chunk).view(full, chunk))
+    if chunk > 1 and numel > full * chunk:
+        last = torch.cat(
+            [grad.narrow(0, full * chunk, numel - full * chunk), grad.new_zeros((full + 1) * chunk - numel)]
+        )
+        table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
+    signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
+    return _scale(_fold(signed.view(-1), size), gain)
 
 
 def hashed_blocks(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float = 1.0) -> Tensor:

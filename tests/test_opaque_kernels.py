@@ -1,10 +1,11 @@
-"""The skewed tiles as custom ops under ``torch.compile`` on CPU (``npas_fx.opaque_kernels``).
+"""Kernels as custom ops under ``torch.compile`` on CPU (``npas_fx.opaque_kernels``).
 
 The ops must be correct operators (``torch.library.opcheck``: schema, fake tensors, autograd
 registration), equal to the eager kernels in value and gradient on every layout (a head only,
 wrapping copies, more copies than the bank has values), and be what a CPU compile calls: the
-traced forward graph holds ``npas_fx::skew_tile``, the backward ``npas_fx::skew_tile_backward``.
-Exporting must not use them (an exported graph holds ATen ops only).
+traced forward graph holds ``npas_fx::skew_tile``, the backward ``npas_fx::skew_tile_backward``
+(tiles) or ``npas_fx::hashed_blocks_backward`` (hashing). Exporting must not use them (an exported
+graph holds ATen ops only).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 from npas_fx import kernels
-from npas_fx.generators import Mask, Repeat, SignedRepeat
+from npas_fx.generators import Hash, Mask, Repeat, SignedRepeat
 
 # (bank values, weight values, offset): one wrap, several copies, more copies than values (whole
 # circulants), a single extra row, a tail only
@@ -34,6 +35,16 @@ def test_the_tile_ops_pass_opcheck_and_equal_the_eager_kernels(size, numel, offs
     assert torch.autograd.gradcheck(lambda b: torch.ops.npas_fx.skew_tile(b, numel, offset, 1.3), (bank,))
 
 
+@pytest.mark.parametrize(("size", "numel", "chunk"), [(7, 20, 4), (5, 23, 1), (3, 40, 8), (20, 9, 16)])
+def test_the_hash_backward_op_passes_opcheck_and_equals_autograd(size, numel, chunk):
+    bank = torch.randn(size, dtype=torch.float64, requires_grad=True)
+    rows = kernels.hash_rows(numel, chunk, 3, size)
+    grad = torch.randn(numel, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.npas_fx.hashed_blocks_backward.default, (grad, rows, size, chunk, 1.3))
+    want = torch.autograd.grad(kernels.hashed_blocks(bank, rows, numel, chunk, 1.3), bank, grad)[0]
+    torch.testing.assert_close(torch.ops.npas_fx.hashed_blocks_backward(grad, rows, size, chunk, 1.3), want)
+
+
 def _targets(graphs: list[torch.fx.GraphModule]) -> set[object]:
     return {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
 
@@ -42,15 +53,17 @@ def _targets(graphs: list[torch.fx.GraphModule]) -> set[object]:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: Repeat((9, 7), offset=2, gain=1.2),
-        lambda: SignedRepeat((8, 5), offset=1, gain=1.3),
-        lambda: Mask((6, 5), 3),
+        lambda: (Repeat((9, 7), offset=2, gain=1.2), "skew_tile"),
+        lambda: (SignedRepeat((8, 5), offset=1, gain=1.3), "skew_tile"),
+        lambda: (Mask((6, 5), 3), "skew_tile"),
+        lambda: (Hash((10, 13), salt=4, gain=1.1, chunk=8, bank_size=4), "hashed_blocks"),
+        lambda: (Hash((10, 13), salt=4, chunk=1, bank_size=4), "hashed_blocks"),
     ],
-    ids=["repeat", "signed", "mask"],
+    ids=["repeat", "signed", "mask", "hash-c8", "hash-c1"],
 )
 def test_a_cpu_compile_calls_the_ops_and_matches_eager(make):
     torch._dynamo.reset()
-    gen = make()
+    gen, kernel = make()
     size = 4
     backend = AotEagerAndRecordGraphs()
     compiled = torch.compile(gen, backend=backend, fullgraph=True)
@@ -64,8 +77,9 @@ def test_a_cpu_compile_calls_the_ops_and_matches_eager(make):
     grads = [torch.autograd.grad(out, [bank, *ps], upstream) for out, bank, ps in zip(outs, banks, params, strict=True)]
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want)
-    assert torch.ops.npas_fx.skew_tile.default in _targets(backend.fw_graphs)
-    assert torch.ops.npas_fx.skew_tile_backward.default in _targets(backend.bw_graphs)
+    if kernel == "skew_tile":  # the tiles' forward too; the hashed blocks' forward is a gather inductor fuses
+        assert torch.ops.npas_fx.skew_tile.default in _targets(backend.fw_graphs)
+    assert getattr(torch.ops.npas_fx, f"{kernel}_backward").default in _targets(backend.bw_graphs)
 
 
 def test_export_traces_the_aten_kernels_not_the_ops():
