@@ -35,14 +35,27 @@ def test_the_tile_ops_pass_opcheck_and_equal_the_eager_kernels(size, numel, offs
     assert torch.autograd.gradcheck(lambda b: torch.ops.npas_fx.skew_tile(b, numel, offset, 1.3), (bank,))
 
 
-@pytest.mark.parametrize(("size", "numel", "chunk"), [(7, 20, 4), (5, 23, 1), (3, 40, 8), (20, 9, 16)])
+def _hashed_by_autograd(bank: torch.Tensor, rows: torch.Tensor, numel: int, chunk: int, gain: float) -> torch.Tensor:
+    """The hashed blocks in plain differentiable ops: an independent reference for the backward."""
+    slots = kernels.slot_count(bank.numel(), chunk)
+    wrapped = bank[torch.arange(slots * chunk) % bank.numel()] * gain
+    table = torch.cat([wrapped, -wrapped]).view(2 * slots, chunk)
+    return table[rows.long()].reshape(-1)[:numel]
+
+
+# chunks of 1, 4-64; partial last blocks; banks smaller and larger than the weight
+@pytest.mark.parametrize(
+    ("size", "numel", "chunk"), [(7, 20, 4), (5, 23, 1), (3, 40, 8), (20, 9, 16), (1000, 600, 64), (90, 100, 7)]
+)
 def test_the_hash_backward_op_passes_opcheck_and_equals_autograd(size, numel, chunk):
     bank = torch.randn(size, dtype=torch.float64, requires_grad=True)
     rows = kernels.hash_rows(numel, chunk, 3, size)
     grad = torch.randn(numel, dtype=torch.float64)
     torch.library.opcheck(torch.ops.npas_fx.hashed_blocks_backward.default, (grad, rows, size, chunk, 1.3))
-    want = torch.autograd.grad(kernels.hashed_blocks(bank, rows, numel, chunk, 1.3), bank, grad)[0]
+    want = torch.autograd.grad(_hashed_by_autograd(bank, rows, numel, chunk, 1.3), bank, grad)[0]
     torch.testing.assert_close(torch.ops.npas_fx.hashed_blocks_backward(grad, rows, size, chunk, 1.3), want)
+    got = torch.autograd.grad(kernels.hashed_blocks(bank, rows, numel, chunk, 1.3), bank, grad)[0]
+    torch.testing.assert_close(got, want)
 
 
 def _targets(graphs: list[torch.fx.GraphModule]) -> set[object]:
