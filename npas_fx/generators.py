@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .kernels import (
     _MASK32,
     LerpPlan,
+    _signed_gain_,
     bilinear,
     hash_rows,
     hashed_blocks,
@@ -396,23 +397,6 @@ def _hashed_blocks_no_grad(bank: Tensor, rows: Tensor, numel: int, chunk: int, g
     _signed_gain_(out, negative, gain)
     out = out.view(-1)
     return out if out.numel() == numel else out.narrow(0, 0, numel)
-
-
-def _signed_gain_(values: Tensor, negative: Tensor, gain: float) -> None:
-    """``values[i] *= gain``, then negate where ``negative[i]`` (rows of ``values``), in place.
-
-    In float32 and float64 one multiply by ``+-gain`` (rounded to the dtype, as a Python scalar is)
-    gives the same bits (a sign flip is exact); other dtypes round ``gain`` differently as a tensor
-    (half and bfloat16 multiply by the float32 scalar), so they take the two steps.
-    """
-    shape = (-1,) + (1,) * (values.dim() - 1)
-    if values.dtype in (torch.float32, torch.float64):
-        factor = torch.where(negative, values.new_tensor(-gain), values.new_tensor(gain))
-        values.mul_(factor.view(shape))
-        return
-    if gain != 1.0:
-        values.mul_(gain)  # as ``bank * gain`` rounds: the same product per value
-    values.mul_(negative.to(values.dtype).mul_(-2).add_(1).view(shape))  # times -1 or 1: a sign flip is exact
 
 
 GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "signed", "interpolate", "mask", "hash", "superweight")

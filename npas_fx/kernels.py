@@ -369,11 +369,17 @@ class _HashBlocks(torch.autograd.Function):
     def forward(ctx: Any, bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
         size = bank.numel()
         slots = slot_count(size, chunk)
-        extended = _scaled_bank(_extend(bank, slots * chunk), gain)  # the last slot wraps to the bank's start
         ctx.gain = gain
-        table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
         ctx.save_for_backward(rows)
         ctx.shape = (size, chunk, numel)
+        if _signs_per_block(size, numel, chunk):
+            slot, negative = _slots_and_signs(rows, slots)
+            out = torch.index_select(_extend(bank, slots * chunk).view(slots, chunk), 0, slot)  # wraps: a copy
+            _signed_gain_(out, negative, gain)  # the same bits as gathering from the signed table
+            out = out.view(-1)
+            return out if out.numel() == numel else out.narrow(0, 0, numel)
+        extended = _scaled_bank(_extend(bank, slots * chunk), gain)  # the last slot wraps to the bank's start
+        table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
         if chunk == 1:  # one value per row: the 1-D gather is the fast one
             table = table.view(-1)
         out = torch.index_select(table, 0, rows).view(-1)  # (blocks * chunk,): one row per block
@@ -389,10 +395,54 @@ class _HashBlocks(torch.autograd.Function):
         return hashed_blocks_backward(grad, rows, size, chunk, ctx.gain), None, None, None, None
 
 
+def _signs_per_block(size: int, numel: int, chunk: int) -> bool:
+    """Whether to sign each block rather than build the signed table ``[bank, -bank]``: chunks of more
+    than one value, from a bank larger than half the weight (one bank that many layers share). The
+    table costs about five bank-sized passes per layer (forward and backward), the per-block signs
+    two passes over the weight."""
+    return chunk > 1 and 2 * size > numel
+
+
+def _slots_and_signs(rows: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    """Per block: the slot it reads (int64) and whether it is negated (rows ``slots`` and on)."""
+    negative = rows >= slots
+    return rows.long() - slots * negative, negative  # int64: index_select and index_add_ take it 2x as fast
+
+
+def _signed_gain_(values: Tensor, negative: Tensor, gain: float) -> None:
+    """``values[i] *= gain``, then negate where ``negative[i]`` (rows of ``values``), in place.
+
+    In float32 and float64 one multiply by ``+-gain`` (rounded to the dtype, as a Python scalar is)
+    gives the same bits (a sign flip is exact); other dtypes round ``gain`` differently as a tensor
+    (half and bfloat16 multiply by the float32 scalar), so they take the two steps.
+    """
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    if values.dtype in (torch.float32, torch.float64):
+        factor = torch.where(negative, values.new_tensor(-gain), values.new_tensor(gain))
+        values.mul_(factor.view(shape))
+        return
+    if gain != 1.0:
+        values.mul_(gain)  # as ``bank * gain`` rounds: the same product per value
+    values.mul_(negative.to(values.dtype).mul_(-2).add_(1).view(shape))  # times -1 or 1: a sign flip is exact
+
+
+def _whole_blocks(grad: Tensor, chunk: int) -> Tensor:
+    """``grad`` as ``(blocks, chunk)`` rows, the last block padded with zeros."""
+    pad = -grad.numel() % chunk
+    return (torch.cat([grad, grad.new_zeros(pad)]) if pad else grad).view(-1, chunk)
+
+
 def hashed_blocks_backward(grad: Tensor, rows: Tensor, size: int, chunk: int, gain: float) -> Tensor:
     """The ``size``-value bank's gradient from the gradient of :func:`hashed_blocks`' output (a fresh tensor)."""
     numel = grad.numel()
     slots = slot_count(size, chunk)
+    if _signs_per_block(size, numel, chunk):  # signed blocks added straight into the slots: one bank pass
+        slot, negative = _slots_and_signs(rows, slots)
+        blocks = _whole_blocks(grad, chunk).clone()
+        _signed_gain_(blocks, negative, gain)
+        table = grad.new_zeros(slots, chunk)
+        table.index_add_(0, slot, blocks)
+        return _fold(table.view(-1), size)
     table = grad.new_zeros(2 * slots, chunk)
     full = numel // chunk
     rows = rows.long()  # index_add_ takes twice as long with an int32 index (the stored one is int32)
