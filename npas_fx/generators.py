@@ -29,12 +29,14 @@ from .kernels import (
     _signed_gain_,
     _slots_and_signs,
     bilinear,
+    gather_slots,
     hash_rows,
     hashed_blocks,
     lerp_plan,
     masked_tile,
     row_signs,
     skew_tile,
+    slot_count,
     template_mix,
 )
 from .runtime import CACHE_ATTR, generate_cached
@@ -375,24 +377,13 @@ class Hash(WeightGenerator):
 def _hashed_blocks_no_grad(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
     """``hashed_blocks(bank * gain, rows, numel, chunk)`` (the same values, bit for bit) without autograd.
 
-    The kernel builds the signed slot table (twice the bank) at every call, which a backward needs
-    but a forward alone does not: with one bank shared by every layer (the ``hash`` strategy) that
-    made generating a model's weights cost ``layers x bank``. Here each block gathers its slot
+    The kernel builds the signed slot table (twice the bank) when the bank is smaller than half the
+    weight, where that is cheaper with a backward to come. Without one, each block gathers its slot
     straight from the bank, then takes its gain and sign: ``numel`` values written, as for a copy.
     """
-    size = bank.numel()
-    slots = -(-size // chunk)
-    whole = size // chunk  # slots inside the bank; slot ``whole`` (if any) wraps to the bank's start
+    slots = slot_count(bank.numel(), chunk)
     slot, negative = _slots_and_signs(rows, slots)
-    if chunk == 1:
-        out = torch.index_select(bank, 0, slot).view(-1, 1)
-    else:
-        out = torch.index_select(bank.narrow(0, 0, whole * chunk).view(whole, chunk), 0, slot.clamp(max=whole - 1))
-        if whole < slots:
-            tail = torch.cat(
-                [bank.narrow(0, whole * chunk, size - whole * chunk), bank.narrow(0, 0, slots * chunk - size)]
-            )
-            out[slot == whole] = tail
+    out = torch.index_select(bank, 0, slot).view(-1, 1) if chunk == 1 else gather_slots(bank, slot, chunk)
     _signed_gain_(out, negative, gain)
     out = out.view(-1)
     return out if out.numel() == numel else out.narrow(0, 0, numel)

@@ -374,7 +374,7 @@ class _HashBlocks(torch.autograd.Function):
         ctx.shape = (size, chunk, numel)
         if _signs_per_block(size, numel, chunk):
             slot, negative = _slots_and_signs(rows, slots)
-            out = torch.index_select(_extend(bank, slots * chunk).view(slots, chunk), 0, slot)  # wraps: a copy
+            out = gather_slots(bank, slot, chunk)
             _signed_gain_(out, negative, gain)  # the same bits as gathering from the signed table
             out = out.view(-1)
             return out if out.numel() == numel else out.narrow(0, 0, numel)
@@ -426,6 +426,27 @@ def _signed_gain_(values: Tensor, negative: Tensor, gain: float) -> None:
     values.mul_(negative.to(values.dtype).mul_(-2).add_(1).view(shape))  # times -1 or 1: a sign flip is exact
 
 
+def gather_slots(bank: Tensor, slot: Tensor, chunk: int) -> Tensor:
+    """``(len(slot), chunk)``: row ``b`` is slot ``slot[b]`` of the bank cut into ``chunk``-value slots,
+    the last (partial) slot wrapping to the bank's start, without copying the bank to wrap it.
+
+    Example:
+        >>> gather_slots(torch.arange(5.0), torch.tensor([2, 0]), 2).tolist()
+        [[4.0, 0.0], [0.0, 1.0]]
+    """
+    size = bank.numel()
+    whole, slots = size // chunk, slot_count(size, chunk)
+    if whole in (0, slots):  # no partial slot (a view), or no whole one (a bank smaller than a chunk)
+        return torch.index_select(_extend(bank, slots * chunk).view(slots, chunk), 0, slot)
+    out = torch.index_select(bank.narrow(0, 0, whole * chunk).view(whole, chunk), 0, slot.clamp(max=whole - 1))
+    tail = torch.cat([bank.narrow(0, whole * chunk, size - whole * chunk), bank.narrow(0, 0, slots * chunk - size)])
+    wraps = slot == whole
+    if torch.compiler.is_compiling():  # a masked write is data-dependent for torch.compile
+        return torch.where(wraps.unsqueeze(1), tail, out)
+    out[wraps] = tail
+    return out
+
+
 def _whole_blocks(grad: Tensor, chunk: int) -> Tensor:
     """``grad`` as ``(blocks, chunk)`` rows, the last block padded with zeros."""
     pad = -grad.numel() % chunk
@@ -438,11 +459,16 @@ def hashed_blocks_backward(grad: Tensor, rows: Tensor, size: int, chunk: int, ga
     slots = slot_count(size, chunk)
     if _signs_per_block(size, numel, chunk):  # signed blocks added straight into the slots: one bank pass
         slot, negative = _slots_and_signs(rows, slots)
-        blocks = _whole_blocks(grad, chunk).clone()
+        blocks = _whole_blocks(grad, chunk)
+        blocks = blocks.clone() if blocks.data_ptr() == grad.data_ptr() else blocks  # signed in place below
         _signed_gain_(blocks, negative, gain)
-        table = grad.new_zeros(slots, chunk)
-        table.index_add_(0, slot, blocks)
-        return _fold(table.view(-1), size)
+        table = grad.new_zeros(slots * chunk)
+        table.view(slots, chunk).index_add_(0, slot, blocks)
+        extra = slots * chunk - size  # the wrapped slot's values past the bank's end belong at its start
+        if extra > size:
+            return _fold(table, size)
+        table.narrow(0, 0, extra).add_(table.narrow(0, size, extra))
+        return table.narrow(0, 0, size)
     table = grad.new_zeros(2 * slots, chunk)
     full = numel // chunk
     rows = rows.long()  # index_add_ takes twice as long with an int32 index (the stored one is int32)

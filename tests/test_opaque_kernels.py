@@ -71,13 +71,14 @@ def _targets(graphs: list[torch.fx.GraphModule]) -> set[object]:
         lambda: (Mask((6, 5), 3), "skew_tile"),
         lambda: (Hash((10, 13), salt=4, gain=1.1, chunk=8, bank_size=4), "hashed_blocks"),
         lambda: (Hash((10, 13), salt=4, chunk=1, bank_size=4), "hashed_blocks"),
+        lambda: (Hash((5, 6), salt=4, gain=1.1, chunk=8, bank_size=20), "hashed_blocks"),  # signs per block
     ],
-    ids=["repeat", "signed", "mask", "hash-c8", "hash-c1"],
+    ids=["repeat", "signed", "mask", "hash-c8", "hash-c1", "hash-big-bank"],
 )
 def test_a_cpu_compile_calls_the_ops_and_matches_eager(make):
     torch._dynamo.reset()
     gen, kernel = make()
-    size = 4
+    size = gen.bank_size if isinstance(gen, Hash) else 4
     backend = AotEagerAndRecordGraphs()
     compiled = torch.compile(gen, backend=backend, fullgraph=True)
     banks = [torch.randn(size).requires_grad_(True) for _ in range(2)]
