@@ -6,8 +6,8 @@ to one kernel of nested masked loads, and the hashed blocks' backward (a row-wis
 a scatter of one value at a time. As custom ops, ``torch.compile`` calls the eager kernels
 (contiguous row copies, sums, ``index_add_``) and fuses everything around them: the compiled
 training step of the weight-dominated transformer at budget 0.1 (README, "Training-step
-overhead") went from 1.4-1.6x the original's to 1.02x with ``shape`` (all tiles), and from 2.2x
-to 1.7-2.1x with ``hash`` (whose forward still builds a bank-sized signed table per layer). On CUDA
+overhead") went from 1.4-1.6x the original's to 1.01-1.02x with ``shape`` (all tiles), and from
+2.2x to 1.7-2.1x with ``hash`` (then a bank-sized signed table per layer, since removed). On CUDA
 the compiled gathers are Triton kernels, which is what a GPU does well, so the ops are used on
 CPU only, and never while exporting (an exported graph should hold ATen ops only):
 :func:`npas_fx.kernels.use_opaque_kernels`.
