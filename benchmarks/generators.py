@@ -61,7 +61,7 @@ from npas_fx.generators import (  # noqa: E402
     WeightGenerator,
     interpolation_grid,
 )
-from npas_fx.kernels import _mix32  # noqa: E402
+from npas_fx.kernel_base import _mix32  # noqa: E402
 from npas_fx.plan import LayerPlan  # noqa: E402
 from npas_fx.superweights import SuperWeightLayout  # noqa: E402
 

@@ -23,22 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .kernels import (
-    _MASK32,
-    LerpPlan,
-    _signed_gain_,
-    _slots_and_signs,
-    bilinear,
-    gather_slots,
-    hash_rows,
-    hashed_blocks,
-    lerp_plan,
-    masked_tile,
-    row_signs,
-    skew_tile,
-    slot_count,
-    template_mix,
-)
+from .hash_kernels import _signed_gain_, _slots_and_signs, gather_slots, hash_rows, hashed_blocks, slot_count
+from .kernel_base import _MASK32
+from .kernels import masked_tile, row_signs, skew_tile
+from .mix_kernels import LerpPlan, bilinear, lerp_plan, template_mix
 from .runtime import CACHE_ATTR, generate_cached
 
 __all__ = [

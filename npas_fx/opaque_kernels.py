@@ -10,7 +10,7 @@ overhead") went from 1.4-1.6x the original's to 1.01-1.02x with ``shape`` (all t
 2.2x to 1.7-2.1x with ``hash`` (then a bank-sized signed table per layer, since removed). On CUDA
 the compiled gathers are Triton kernels, which is what a GPU does well, so the ops are used on
 CPU only, and never while exporting (an exported graph should hold ATen ops only):
-:func:`npas_fx.kernels.use_opaque_kernels`.
+:func:`npas_fx.kernel_base.use_opaque_kernels`.
 
 Example:
     >>> import torch
@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import _scale, _tile, _tile_backward, _tile_layout, hashed_blocks_backward
+from .hash_kernels import hashed_blocks_backward
+from .kernel_base import _scale
+from .kernels import _tile, _tile_backward, _tile_layout
 
 __all__ = ["skew_tile_op", "skew_tile_backward_op", "hashed_blocks_backward_op"]
 

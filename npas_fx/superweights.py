@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from . import budget as _budget
 from .budget import GeneratorConfig
 from .generators import WeightGenerator
-from .kernels import window_mix
+from .mix_kernels import window_mix
 from .plan import GroupPlan, LayerPlan
 from .strategies import Grouping, StrategyContext, register_strategy
 

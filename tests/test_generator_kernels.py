@@ -21,16 +21,8 @@ import npas_fx
 import npas_fx.kernels
 from npas_fx.budget import GeneratorConfig
 from npas_fx.generators import Hash, Interpolate, Mask, Repeat, TemplateMix
-from npas_fx.kernels import (
-    _HashBlocks,
-    _MaskedTile,
-    _SkewTile,
-    hash_rows,
-    hashed_blocks,
-    masked_tile,
-    skew_tile,
-    slot_count,
-)
+from npas_fx.hash_kernels import _HashBlocks, hash_rows, hashed_blocks, slot_count
+from npas_fx.kernels import _MaskedTile, _SkewTile, masked_tile, skew_tile
 from npas_fx.plan import LayerPlan, Plan, _load
 from npas_fx.shared_params import make_generator
 

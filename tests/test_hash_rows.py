@@ -16,7 +16,7 @@ import torch
 
 import npas_fx
 from npas_fx.generators import Hash
-from npas_fx.kernels import hash_rows, hashed_blocks, slot_count
+from npas_fx.hash_kernels import hash_rows, hashed_blocks, slot_count
 from npas_fx.shared_params import _hash_sample, sample_step
 
 M32 = 0xFFFFFFFF

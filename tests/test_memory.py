@@ -396,7 +396,7 @@ def test_generators_keep_no_tensor_of_their_weights_size(strategy, budget):
 
 
 def test_window_mix_gradients():
-    from npas_fx.kernels import window_mix
+    from npas_fx.mix_kernels import window_mix
 
     source = torch.randn(50, dtype=torch.double, requires_grad=True)
     mix = torch.randn(7, 3, dtype=torch.double, requires_grad=True)

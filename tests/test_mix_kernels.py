@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npas_fx.generators import EmbeddingMix, Interpolate, TemplateMix
-from npas_fx.kernels import bilinear, lerp_plan, template_mix
+from npas_fx.mix_kernels import bilinear, lerp_plan, template_mix
 
 
 def _bank(size: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:

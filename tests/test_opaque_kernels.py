@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-from npas_fx import kernels
+from npas_fx import hash_kernels, kernels
 from npas_fx.generators import Hash, Mask, Repeat, SignedRepeat
 
 # (bank values, weight values, offset): one wrap, several copies, more copies than values (whole
@@ -37,7 +37,7 @@ def test_the_tile_ops_pass_opcheck_and_equal_the_eager_kernels(size, numel, offs
 
 def _hashed_by_autograd(bank: torch.Tensor, rows: torch.Tensor, numel: int, chunk: int, gain: float) -> torch.Tensor:
     """The hashed blocks in plain differentiable ops: an independent reference for the backward."""
-    slots = kernels.slot_count(bank.numel(), chunk)
+    slots = hash_kernels.slot_count(bank.numel(), chunk)
     wrapped = bank[torch.arange(slots * chunk) % bank.numel()] * gain
     table = torch.cat([wrapped, -wrapped]).view(2 * slots, chunk)
     return table[rows.long()].reshape(-1)[:numel]
@@ -49,12 +49,12 @@ def _hashed_by_autograd(bank: torch.Tensor, rows: torch.Tensor, numel: int, chun
 )
 def test_the_hash_backward_op_passes_opcheck_and_equals_autograd(size, numel, chunk):
     bank = torch.randn(size, dtype=torch.float64, requires_grad=True)
-    rows = kernels.hash_rows(numel, chunk, 3, size)
+    rows = hash_kernels.hash_rows(numel, chunk, 3, size)
     grad = torch.randn(numel, dtype=torch.float64)
     torch.library.opcheck(torch.ops.npas_fx.hashed_blocks_backward.default, (grad, rows, size, chunk, 1.3))
     want = torch.autograd.grad(_hashed_by_autograd(bank, rows, numel, chunk, 1.3), bank, grad)[0]
     torch.testing.assert_close(torch.ops.npas_fx.hashed_blocks_backward(grad, rows, size, chunk, 1.3), want)
-    got = torch.autograd.grad(kernels.hashed_blocks(bank, rows, numel, chunk, 1.3), bank, grad)[0]
+    got = torch.autograd.grad(hash_kernels.hashed_blocks(bank, rows, numel, chunk, 1.3), bank, grad)[0]
     torch.testing.assert_close(got, want)
 
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import npas_fx
 from npas_fx.generators import Hash
-from npas_fx.kernels import hashed_blocks
+from npas_fx.hash_kernels import hashed_blocks
 from npas_fx.runtime import CACHE_ATTR
 from npas_fx.workcopy import SharedWeightWrite, working_copy
 

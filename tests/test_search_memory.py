@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import npas_fx
-from npas_fx import kernels
+from npas_fx import mix_kernels as kernels
 from npas_fx.search import common, swn
 
 
