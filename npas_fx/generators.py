@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .hash_kernels import _signed_gain_, _slots_and_signs, gather_slots, hash_rows, hashed_blocks, slot_count
+from .hash_kernels import hash_rows, hashed_blocks, signed_gather
 from .kernel_base import _MASK32
 from .kernels import masked_tile, row_signs, skew_tile
 from .mix_kernels import LerpPlan, bilinear, lerp_plan, template_mix
@@ -355,26 +355,11 @@ class Hash(WeightGenerator):
         # Eager only: its masked write of the wrapping slot is data-dependent for torch.compile.
         eager = not torch.compiler.is_compiling() and not bank.is_meta
         if eager and not (torch.is_grad_enabled() and bank.requires_grad) and size >= self.chunk:
-            return _hashed_blocks_no_grad(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
+            return signed_gather(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
         return hashed_blocks(bank, rows, self.numel, self.chunk, self.gain).view(self.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, salt={self.salt}, chunk={self.chunk}"
-
-
-def _hashed_blocks_no_grad(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
-    """``hashed_blocks(bank * gain, rows, numel, chunk)`` (the same values, bit for bit) without autograd.
-
-    The kernel builds the signed slot table (twice the bank) when the bank is smaller than half the
-    weight, where that is cheaper with a backward to come. Without one, each block gathers its slot
-    straight from the bank, then takes its gain and sign: ``numel`` values written, as for a copy.
-    """
-    slots = slot_count(bank.numel(), chunk)
-    slot, negative = _slots_and_signs(rows, slots)
-    out = torch.index_select(bank, 0, slot).view(-1, 1) if chunk == 1 else gather_slots(bank, slot, chunk)
-    _signed_gain_(out, negative, gain)
-    out = out.view(-1)
-    return out if out.numel() == numel else out.narrow(0, 0, numel)
 
 
 GENERATOR_KINDS = ("slice", "wavg", "emb", "repeat", "signed", "interpolate", "mask", "hash", "superweight")

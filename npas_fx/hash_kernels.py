@@ -37,7 +37,7 @@ from .kernel_base import (
     use_opaque_kernels,
 )
 
-__all__ = ["hashed_blocks", "hashed_blocks_backward", "hash_rows", "slot_count", "gather_slots"]
+__all__ = ["hashed_blocks", "hashed_blocks_backward", "signed_gather", "hash_rows", "slot_count", "gather_slots"]
 
 
 # ---- chunked hashing ----------------------------------------------------------------------------
@@ -55,11 +55,7 @@ class _HashBlocks(torch.autograd.Function):
         ctx.save_for_backward(rows)
         ctx.shape = (size, chunk, numel)
         if _signs_per_block(size, numel, chunk):
-            slot, negative = _slots_and_signs(rows, slots)
-            out = gather_slots(bank, slot, chunk)
-            _signed_gain_(out, negative, gain)  # the same bits as gathering from the signed table
-            out = out.view(-1)
-            return out if out.numel() == numel else out.narrow(0, 0, numel)
+            return signed_gather(bank, rows, numel, chunk, gain)
         extended = _scaled_bank(_extend(bank, slots * chunk), gain)  # the last slot wraps to the bank's start
         table = torch.cat([extended, -extended]).view(2 * slots, chunk)  # row s: +slot s; row m + s: -slot s
         if chunk == 1:  # one value per row: the 1-D gather is the fast one
@@ -129,6 +125,23 @@ def gather_slots(bank: Tensor, slot: Tensor, chunk: int) -> Tensor:
     return out
 
 
+def signed_gather(bank: Tensor, rows: Tensor, numel: int, chunk: int, gain: float) -> Tensor:
+    """:func:`hashed_blocks`' values (the same bits) without the signed slot table: each block gathers
+    its slot straight from the bank, then takes its gain and sign (``numel`` values written, as for a
+    copy). Used by the kernel's forward from a bank larger than half the weight, and for every
+    forward without autograd.
+
+    Example:
+        >>> signed_gather(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 2]), 4, 2, 1.0).tolist()
+        [3.0, 1.0, -1.0, -2.0]
+    """
+    slot, negative = _slots_and_signs(rows, slot_count(bank.numel(), chunk))
+    out = torch.index_select(bank, 0, slot).view(-1, 1) if chunk == 1 else gather_slots(bank, slot, chunk)
+    _signed_gain_(out, negative, gain)  # the same bits as gathering from the signed table
+    out = out.view(-1)
+    return out if out.numel() == numel else out.narrow(0, 0, numel)
+
+
 def _whole_blocks(grad: Tensor, chunk: int) -> Tensor:
     """``grad`` as ``(blocks, chunk)`` rows, the last block padded with zeros."""
     pad = -grad.numel() % chunk
@@ -158,11 +171,10 @@ def hashed_blocks_backward(grad: Tensor, rows: Tensor, size: int, chunk: int, ga
         table.view(-1).scatter_add_(0, rows, grad)
     elif full:  # scatter-add whole rows: one index per block, no index per weight
         table.index_add_(0, rows.narrow(0, 0, full), grad.narrow(0, 0, full * chunk).view(full, chunk))
-    if chunk > 1 and numel > full * chunk:
-        last = torch.cat(
-            [grad.narrow(0, full * chunk, numel - full * chunk), grad.new_zeros((full + 1) * chunk - numel)]
+    if chunk > 1 and numel > full * chunk:  # the partial last block, padded
+        table.index_add_(
+            0, rows.narrow(0, full, 1), _whole_blocks(grad.narrow(0, full * chunk, numel - full * chunk), chunk)
         )
-        table.index_add_(0, rows.narrow(0, full, 1), last.view(1, chunk))
     signed = table.narrow(0, 0, slots) - table.narrow(0, slots, slots)
     return _scale(_fold(signed.view(-1), size), gain)
 

@@ -31,8 +31,8 @@ from .generators import (
     SignedRepeat,
     TemplateMix,
     WeightGenerator,
-    _signed_gain_,
 )
+from .hash_kernels import _signed_gain_
 from .plan import GroupPlan, LayerPlan
 from .runtime import clear_cache
 from .superweights import SuperWeightLayout, superweight_layouts
